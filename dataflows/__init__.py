@@ -1,0 +1,1 @@
+"""Bytewax dataflows: ordering, gaps, detection and sinks (issue 6)."""

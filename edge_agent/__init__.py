@@ -1,0 +1,1 @@
+"""Edge agent: per-gateway input, feature windows, ONNX scoring and a durable outbox (issue 3)."""

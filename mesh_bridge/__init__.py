@@ -1,0 +1,1 @@
+"""Mesh bridge: validation, identity, dead letters, de-duplication and partitioning (issue 4)."""

@@ -1,0 +1,1 @@
+"""Incidents, work orders, crews, API and feedback (issue 7)."""

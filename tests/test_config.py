@@ -1,0 +1,75 @@
+"""Configuration: TOML plus environment overrides, clear errors, masked secrets."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from meshwatch.config import ConfigError, TLSConfig, load_config, mask_url, masked_dump
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "meshwatch.toml"
+
+
+def test_example_file_is_valid_and_complete() -> None:
+    config = load_config(EXAMPLE)
+    assert config.mesh_broker.url.startswith("mqtts://")
+    assert config.mesh_broker.tls is not None
+    text = EXAMPLE.read_text()
+    sections = [type(model) for _, model in config if isinstance(model, BaseModel)]
+    sections += [TLSConfig]
+    for section in sections:
+        for key in section.model_fields:
+            assert f"{key} =" in text or f".{key}]" in text, f"{section.__name__}.{key}"
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[mesh]\npartitions = 4\n[influxdb]\nurl = "http://a:8086"\n')
+    monkeypatch.setenv("MESHWATCH_MESH__PARTITIONS", "12")
+    monkeypatch.setenv("MESHWATCH_INFLUXDB__TOKEN", "t0ken")
+    config = load_config(path)
+    assert config.mesh.partitions == 12
+    assert config.influxdb.url == "http://a:8086"
+    assert config.influxdb.token is not None
+    assert config.influxdb.token.get_secret_value() == "t0ken"
+
+
+def test_secrets_are_masked_everywhere(tmp_path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[site_broker]\nurl = "mqtt://gw:pw-in-url@h:1883"\npassword = "pw-field"\n'
+        '[influxdb]\nurl = "http://h:8086"\ntoken = "tok"\n'
+        '[database]\nurl = "postgresql+psycopg://u:dbpw@db/mw"\n'
+    )
+    dumped = str(masked_dump(load_config(path)))
+    for secret in ("pw-in-url", "pw-field", "tok'", "dbpw"):
+        assert secret not in dumped
+    assert "mqtt://gw:***@h:1883" in dumped
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[mesh]\npartitions = 0\n", "mesh.partitions"),
+        ("[mesh]\nparitions = 3\n", "mesh.paritions: unknown key"),
+        ('[site_broker]\nurl = "http://x"\n', "mqtt://, mqtts:// or embedded://"),
+        ('[site_broker]\nurl = "mqtt://"\n', "has no host"),
+        ('[database]\nurl = "mysql://x"\n', "sqlite:///PATH or postgresql"),
+        ("[mesh\n", "not valid TOML"),
+    ],
+)
+def test_invalid_files_say_what_is_wrong(tmp_path, text, message) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(path)
+
+
+def test_missing_file_points_to_the_example(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"examples/meshwatch\.toml"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_mask_url_leaves_urls_without_password_alone() -> None:
+    assert mask_url("mqtt://h:1883") == "mqtt://h:1883"
+    assert mask_url("postgresql://u:p@db:5432/x") == "postgresql://u:***@db:5432/x"
