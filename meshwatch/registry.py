@@ -132,6 +132,13 @@ def load_registry(path: Path) -> Registry:
 def parse_registry(handle: TextIO, source: str) -> Registry:
     """Parse registry CSV text; raises :class:`RegistryError` naming each bad row."""
     reader = csv.DictReader(handle)
+    try:
+        return _parse_rows(reader, source)
+    except csv.Error as exc:
+        raise RegistryError(f"{source}: line {reader.line_num}: not valid CSV: {exc}") from None
+
+
+def _parse_rows(reader: csv.DictReader[str], source: str) -> Registry:
     missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         msg = f"{source}: missing columns {missing}; expected {', '.join(COLUMNS)}"
@@ -139,7 +146,8 @@ def parse_registry(handle: TextIO, source: str) -> Registry:
     devices: list[Device] = []
     errors: list[str] = []
     seen: set[str] = set()
-    for line, row in enumerate(reader, start=2):
+    for row in reader:
+        line = reader.line_num
         cells = {key: value for key, value in row.items() if key is not None and value != ""}
         try:
             device = Device.model_validate(cells)

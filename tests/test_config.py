@@ -1,8 +1,12 @@
 """Configuration: TOML plus environment overrides, clear errors, masked secrets."""
 
+import contextlib
+import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from meshwatch.config import ConfigError, TLSConfig, load_config, mask_url, masked_dump
@@ -73,3 +77,35 @@ def test_missing_file_points_to_the_example(tmp_path) -> None:
 def test_mask_url_leaves_urls_without_password_alone() -> None:
     assert mask_url("mqtt://h:1883") == "mqtt://h:1883"
     assert mask_url("postgresql://u:p@db:5432/x") == "postgresql://u:***@db:5432/x"
+
+
+toml_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+sections = st.dictionaries(
+    st.sampled_from(["url", "partitions", "token", "batch_size", "keepalive_s", "file", "x"]),
+    toml_scalars.filter(lambda v: v is not None), max_size=4,
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["mesh", "influxdb", "site_broker", "database", "other"]),
+                       sections, max_size=3))
+def test_any_toml_document_loads_or_raises_config_error(tmp_path, document) -> None:
+    path = tmp_path / "c.toml"
+    lines = []
+    for section, values in document.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        assert "problem" in str(exc) or "not valid TOML" in str(exc)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=200))
+def test_any_bytes_load_or_raise_config_error(tmp_path, data) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(data)
+    with contextlib.suppress(ConfigError):
+        load_config(path)

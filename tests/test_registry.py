@@ -3,6 +3,8 @@
 import io
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshwatch.registry import RegistryError, load_registry, parse_registry
 
@@ -45,3 +47,15 @@ def test_duplicates_and_missing_columns_are_errors(tmp_path) -> None:
         parse_registry(io.StringIO("device_id,device_kind,site,district,cadence_s\n"), "t")
     with pytest.raises(RegistryError, match="does not exist"):
         load_registry(tmp_path / "none.csv")
+
+
+@settings(max_examples=300)
+@given(st.lists(st.lists(st.text(max_size=12), min_size=10, max_size=11), max_size=5))
+def test_any_rows_load_or_raise_registry_error(rows) -> None:
+    text = HEADER + "\n".join(",".join(cell.replace("\n", " ") for cell in row) for row in rows)
+    try:
+        registry = parse_registry(io.StringIO(text), source="fuzz")
+    except RegistryError as exc:
+        assert "fuzz" in str(exc)
+    else:
+        assert len(registry) <= len(rows)
