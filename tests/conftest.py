@@ -1,0 +1,74 @@
+"""Fixtures that run real servers; the controllers live in ``servers.py``.
+
+- ``mosquitto``, ``victoria_metrics``: a fresh server per test (they start in ~0.1 s).
+- ``influxdb``, ``postgres``: one server per session; tests get isolation from
+  ``influxdb_db`` (a fresh database name) and ``postgres_db`` (a fresh database's URL).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from servers import InfluxDB1, Mosquitto, PostgreSQL, VictoriaMetrics
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A running mosquitto broker (persistence on, no QoS1 drop limits); ``.url``."""
+    with Mosquitto(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def victoria_metrics(tmp_path: Path) -> Iterator[VictoriaMetrics]:
+    """A running, empty VictoriaMetrics; ``.url`` takes Influx line protocol and PromQL."""
+    with VictoriaMetrics(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def influxdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB1]:
+    """One influxd 1.x for the session; use ``influxdb_db`` for a database of your own."""
+    with InfluxDB1(tmp_path_factory.mktemp("influxdb")) as server:
+        yield server
+
+
+@pytest.fixture
+def influxdb_db(influxdb: InfluxDB1) -> Iterator[str]:
+    """Name of a fresh database on the session's influxd, dropped after the test."""
+    if not influxdb.running:  # a previous test stopped or killed it
+        influxdb.start()
+    name = _unique("test")
+    influxdb.create_database(name)
+    yield name
+    if influxdb.running:
+        influxdb.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgreSQL]:
+    """One PostgreSQL for the session; use ``postgres_db`` for a database of your own."""
+    with PostgreSQL(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_db(postgres: PostgreSQL) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh database on the session's PostgreSQL, dropped after the test.
+
+    Dispose of your engines before the test ends; the drop disconnects leftover sessions.
+    """
+    if not postgres.running:  # a previous test stopped or killed it
+        postgres.start()
+    name = _unique("test")
+    url = postgres.create_database(name)
+    yield url
+    if postgres.running:
+        postgres.drop_database(name)
