@@ -1,0 +1,259 @@
+"""``meshwatch simulate``: run a simulated fleet into files, MQTT, or just the iterator.
+
+The console script in :mod:`meshwatch.cli` calls :func:`add_arguments` and :func:`run`.
+Examples::
+
+    meshwatch simulate --meters 10000 --days 30 --seed 7 --out data/
+    meshwatch simulate --meters 2000 --days 1 --publish mqtt://127.0.0.1:1883 --rate 50000
+    meshwatch simulate --days 7 --rates rates.toml --format csv --out data/
+
+``--rates`` reads a TOML file with ``[incidents]`` and ``[comms]`` tables whose keys are
+the fields of :class:`simulators.config.IncidentRates` and :class:`~simulators.config.CommRates`.
+
+>>> parser = argparse.ArgumentParser(prog="simulate")
+>>> add_arguments(parser)
+>>> args = parser.parse_args(["--meters", "100", "--days", "0.05", "--quiet"])
+>>> run(args)
+0
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from simulators.block import MAX_READINGS_PER_BATCH, ReadingBlock
+from simulators.config import DEFAULT_START, FleetConfig, SimConfig, load_rates
+from simulators.engine import FleetSimulator, RunStats
+from simulators.output import FORMATS, write_run
+from simulators.publish import FleetPublisher, PublishError, PublishSettings
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"expected a whole number of at least 1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        msg = f"expected a whole number of 0 or more, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        msg = f"expected a number above 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        msg = f"expected a number of 0 or more, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _batch_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_READINGS_PER_BATCH:
+        msg = f"a batch holds at most {MAX_READINGS_PER_BATCH} readings, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _start_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        msg = f"expected an ISO 8601 time such as 2026-01-05T00:00:00Z, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the simulator's options to ``parser``."""
+    fleet = parser.add_argument_group("fleet")
+    fleet.add_argument("--meters", type=_positive_int, default=FleetConfig.meters,
+                       help="customer meters (default %(default)s)")
+    fleet.add_argument("--districts", type=_positive_int, default=None,
+                       help="districts (default: one per ~1,500 meters)")
+    fleet.add_argument("--meters-per-gateway", type=_positive_int,
+                       default=FleetConfig.meters_per_gateway,
+                       help="customer meters per data concentrator (default %(default)s)")
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--days", type=_positive_float, default=1.0,
+                           help="simulated days, fractions allowed (default %(default)s)")
+    run_group.add_argument("--seed", type=_non_negative_int, default=0,
+                           help="random seed; the same seed gives the same run")
+    run_group.add_argument("--start", type=_start_time, default=DEFAULT_START,
+                           help="start time, ISO 8601, UTC if no offset "
+                                "(default 2026-01-05T00:00:00Z)")
+    run_group.add_argument("--speed", type=_positive_float, default=None,
+                           help="simulated seconds per wall second (default: as fast as "
+                                "possible)")
+    run_group.add_argument("--rates", type=Path, default=None, metavar="FILE.toml",
+                           help="incident and comm-fault rates: [incidents] and [comms] tables")
+    run_group.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    out = parser.add_argument_group("output (neither: run into memory and report)")
+    out.add_argument("--out", type=Path, default=None, metavar="DIR",
+                     help="write readings, ground truth, comm faults and registry here")
+    out.add_argument("--format", choices=FORMATS, default="parquet",
+                     help="readings file format (default %(default)s)")
+    out.add_argument("--publish", default=None, metavar="URL",
+                     help="publish to an MQTT broker, e.g. mqtt://127.0.0.1:1883")
+    out.add_argument("--batch-size", type=_batch_size, default=500,
+                     help="readings per MQTT message (default %(default)s)")
+    out.add_argument("--rate", type=_non_negative_float, default=0.0,
+                     help="readings per second to publish; 0 = as fast as possible")
+    out.add_argument("--connections", type=_positive_int, default=4,
+                     help="MQTT connections shared by the gateways (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the simulation the options describe; return the exit code (2: bad options)."""
+    console = Console(stderr=True)
+    try:
+        config = _config(args)
+        settings = None
+        if args.publish is not None:
+            settings = PublishSettings(args.publish, batch_size=args.batch_size,
+                                       rate=args.rate, connections=args.connections)
+            settings.validate()
+        if args.out is not None and args.publish is not None:
+            msg = "choose --out or --publish, not both"
+            raise ValueError(msg)
+    except ValueError as exc:
+        console.print(f"[red]simulate: error:[/] {exc}", highlight=False)
+        return 2
+    started = time.perf_counter()
+    published = 0
+    try:
+        with _Progress(config, args.quiet) as advance:
+            if args.out is not None:
+                stats = write_run(config, args.out, args.format, on_block=advance)
+            elif settings is not None:
+                stats, published = _publish(config, settings, advance)
+            else:
+                simulator = FleetSimulator(config)
+                for block in simulator:
+                    advance(block)
+                stats = simulator.stats
+    except PublishError as exc:
+        console.print(f"[red]simulate: error:[/] {exc}", highlight=False)
+        return 1
+    except OSError as exc:
+        console.print(f"[red]simulate: error:[/] cannot write {exc.filename}: {exc.strerror}",
+                      highlight=False)
+        return 1
+    if not args.quiet:
+        Console().print(_summary(stats, time.perf_counter() - started, published, args))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> SimConfig:
+    fleet = FleetConfig(meters=args.meters, districts=args.districts,
+                        meters_per_gateway=args.meters_per_gateway)
+    config = SimConfig(fleet=fleet, seed=args.seed, start=args.start, days=args.days,
+                       speed=args.speed)
+    if args.rates is not None:
+        config = load_rates(args.rates, config)
+    config.validate()
+    return config
+
+
+def _publish(config: SimConfig, settings: PublishSettings,
+             advance: Callable[[ReadingBlock], None]) -> tuple[RunStats, int]:
+    simulator = FleetSimulator(config)
+    with FleetPublisher(settings) as publisher:
+        for block in simulator:
+            publisher.publish(block)
+            advance(block)
+        publisher.wait_for_acks()
+        return simulator.stats, publisher.messages
+
+
+class _Progress:
+    """A rich progress bar over produced readings, or nothing when quiet."""
+
+    def __init__(self, config: SimConfig, quiet: bool) -> None:
+        samples = config.fleet.customer_cadence_s // config.fleet.scada_cadence_s
+        self._total = config.steps * (config.fleet.meters
+                                      + 2 * config.fleet.district_count * samples)
+        self._bar = None if quiet else Progress(
+            TextColumn("simulating"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("readings"), TimeElapsedColumn(), console=Console(stderr=True),
+            transient=True)
+        self._task = None
+
+    def __enter__(self) -> Callable[[ReadingBlock], None]:
+        if self._bar is None:
+            return lambda block: None
+        self._bar.__enter__()
+        task = self._bar.add_task("run", total=self._total)
+        bar = self._bar
+
+        def advance(block: ReadingBlock) -> None:
+            bar.advance(task, len(block))
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+def _summary(stats: RunStats, elapsed: float, messages: int, args: argparse.Namespace) -> Table:
+    table = Table(title="Simulation summary", show_header=True, header_style="bold")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    rows: list[tuple[str, str]] = [
+        ("readings produced", f"{stats.produced:,}"),
+        ("readings delivered", f"{stats.delivered:,}"),
+        ("readings lost", f"{stats.lost:,}"),
+        ("readings duplicated", f"{stats.duplicated:,}"),
+    ]
+    rows += [(f"  produced by {kind}", f"{count:,}")
+             for kind, count in sorted(stats.produced_by_kind.items())]
+    rows += [(f"incidents: {kind}", f"{count:,}")
+             for kind, count in sorted(stats.incidents.items())]
+    rows += [(f"readings hit by comm fault: {kind}", f"{count:,}")
+             for kind, count in sorted(stats.comm_faults.items())]
+    rows += [(f"confounders: {kind}", f"{count:,}")
+             for kind, count in sorted(stats.confounders.items())]
+    rate = stats.delivered_rows / elapsed if elapsed > 0 else 0.0
+    rows += [("elapsed", f"{elapsed:.1f} s"), ("readings/s", f"{rate:,.0f}")]
+    if args.publish is not None:
+        rows += [("MQTT messages (all acknowledged)", f"{messages:,}")]
+    if args.out is not None:
+        rows += [("output", str(args.out))]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
