@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simulators import FleetConfig, FleetSimulator, SimConfig
 from simulators.output import write_run
