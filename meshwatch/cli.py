@@ -54,24 +54,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _build_parser(plugin: str | None) -> argparse.ArgumentParser:
     """The full parser; only ``plugin``'s module is imported (the one being run)."""
+    version = argparse.ArgumentParser(add_help=False)
+    version.add_argument("--version", action="version", version=f"meshwatch {__version__}")
     parser = argparse.ArgumentParser(
         prog="meshwatch",
         description="Meshwatch: telemetry and anomaly detection for water networks.",
+        parents=[version],
     )
-    parser.add_argument("--version", action="version", version=f"meshwatch {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     for name, (module_name, help_text) in PLUGIN_COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[version])
         if name == plugin:
             module: _Command = importlib.import_module(module_name)
             module.add_arguments(sub)
             sub.set_defaults(handler=module.run)
 
-    contract = commands.add_parser("contract", help="the event contract")
+    contract = commands.add_parser("contract", help="the event contract", parents=[version])
     contract_commands = contract.add_subparsers(title="contract commands", metavar="COMMAND")
     export = contract_commands.add_parser(
-        "export", help="write the contract's JSON Schemas", description="Write JSON Schemas."
+        "export", help="write the contract's JSON Schemas", description="Write JSON Schemas.",
+        parents=[version],
     )
     export.add_argument("--out", type=Path, default=DEFAULT_SCHEMA_DIR, help="target directory")
     export.add_argument(
@@ -79,12 +82,13 @@ def _build_parser(plugin: str | None) -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=_contract_export)
 
-    config = commands.add_parser("config", help="configuration")
+    config = commands.add_parser("config", help="configuration", parents=[version])
     config_commands = config.add_subparsers(title="config commands", metavar="COMMAND")
     check = config_commands.add_parser(
         "check",
         help="validate a config file and print the effective config (secrets masked)",
         description="Validate FILE plus MESHWATCH_* environment overrides.",
+        parents=[version],
     )
     check.add_argument("file", type=Path, help="TOML configuration file")
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")

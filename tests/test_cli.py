@@ -26,11 +26,13 @@ def test_version_and_help() -> None:
     assert _run().returncode == 2
 
 
-def test_every_subcommand_has_help() -> None:
+def test_every_subcommand_has_help_and_version() -> None:
     for command in (["simulate"], ["contract", "export"], ["config", "check"]):
         result = _run(*command, "--help")
         assert result.returncode == 0, result.stderr
         assert "usage: meshwatch " + " ".join(command) in result.stdout
+        result = _run(*command, "--version")
+        assert result.stdout.strip() == f"meshwatch {__version__}"
 
 
 def test_config_check_prints_masked_effective_config(tmp_path, capsys, monkeypatch) -> None:
