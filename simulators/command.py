@@ -20,6 +20,7 @@ the fields of :class:`simulators.config.IncidentRates` and :class:`~simulators.c
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -36,48 +37,29 @@ from simulators.output import FORMATS, write_run
 from simulators.publish import FleetPublisher, PublishError, PublishSettings
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"expected a whole number of at least 1, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+def _number(convert: Callable[[str], float], minimum: float, *, above: bool = False,
+            ) -> Callable[[str], float]:
+    """An argparse type: ``convert`` the text and require ``>= minimum`` (``> minimum``)."""
+    kind = "a whole number" if convert is int else "a number"
+    bound = f"above {minimum:g}" if above else f"of {minimum:g} or more"
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = math.nan
+        if not (value > minimum if above else value >= minimum) or math.isinf(value):
+            msg = f"expected {kind} {bound}, got {text!r}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        msg = f"expected a whole number of 0 or more, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        msg = f"expected a number above 0, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        msg = f"expected a number of 0 or more, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+_positive_int = _number(int, 1)
+_non_negative_int = _number(int, 0)
+_positive_float = _number(float, 0, above=True)
+_non_negative_float = _number(float, 0)
 
 
 def _batch_size(text: str) -> int:

@@ -120,7 +120,7 @@ def test_command_writes_files_and_prints_a_summary(
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--meters", "0"], "argument --meters: expected a whole number of at least 1"),
+    (["--meters", "0"], "argument --meters: expected a whole number of 1 or more"),
     (["--days", "-1"], "argument --days: expected a number above 0"),
     (["--start", "yesterday"], "argument --start: expected an ISO 8601 time"),
     (["--format", "xlsx"], "argument --format: invalid choice"),
