@@ -1,0 +1,481 @@
+"""Outbox publisher against real mosquitto: outages, crashes, status events, pacing, rejections.
+
+A ``Ledger`` subscriber with a persistent session (``clean_start=False`` on every connect and a
+session expiry, so mosquitto keeps its queue across broker restarts) records every
+``(device, seq)`` that arrives; the tests reconcile it with what was appended.
+"""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from servers import Mosquitto
+
+import edge_agent.outbox
+import edge_agent.publisher
+from edge_agent.outbox import Outbox
+from edge_agent.publisher import OutboxPublisher, TokenBucket, parse_broker_url
+from meshwatch.backoff import Backoff
+from meshwatch.contract import (
+    DeviceState,
+    DeviceStatus,
+    Reading,
+    TelemetryBatch,
+    decode_event,
+    encode,
+    topics,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SITE = "dma-01"
+T0_MS = 1_767_225_600_000
+OUTAGE_S = float(os.environ.get("MESHWATCH_TEST_OUTAGE_S", "6"))
+"""How long the broker is down in the outage test; the issue's full figure is 60."""
+
+WAIT_S = 30.0
+
+
+def batch_payload(gateway: str, seqs: dict[str, range]) -> bytes:
+    """A TelemetryBatch with readings ``seqs[device]`` for each device."""
+    readings = [
+        Reading(device_id=device, ts_ms=T0_MS + seq * 1000, seq=seq, metrics={"flow_lpm": 1.0})
+        for device, span in seqs.items()
+        for seq in span
+    ]
+    return encode(TelemetryBatch(site=SITE, gateway_id=gateway, sent_ms=T0_MS, readings=readings))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = WAIT_S, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+class Ledger:
+    """A QoS1 subscriber with a persistent session that records what arrives, in order."""
+
+    def __init__(self, broker: Mosquitto, client_id: str, *filters: str) -> None:
+        self.arrivals: list[tuple[str, int]] = []  # (device, seq) per reading, arrival order
+        self.statuses: list[tuple[DeviceStatus, bool]] = []  # (event, retained flag)
+        self.subscribed = threading.Event()
+        self._filters = filters
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        self.client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
+        self.client.on_message = self._on_message
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 600
+        # clean_start=False on EVERY connect: mosquitto 2.0.11 does not persist a session that
+        # was created with clean_start=True, even with a session expiry.
+        self.client.connect(broker.host, broker.port, clean_start=False, properties=properties)
+        self.client.loop_start()
+        assert self.subscribed.wait(10), "the ledger could not subscribe"
+
+    def _on_connect(self, client: mqtt.Client, *args: object) -> None:
+        flags = args[1]
+        assert isinstance(flags, mqtt.ConnectFlags)
+        if not flags.session_present:  # a resumed session keeps its subscriptions
+            client.subscribe([(f, 1) for f in self._filters])
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        event = decode_event(msg.payload)
+        with self._lock:
+            if isinstance(event, TelemetryBatch):
+                self.arrivals += [(r.device_id, r.seq) for r in event.readings]
+            elif isinstance(event, DeviceStatus):
+                self.statuses.append((event, bool(msg.retain)))
+
+    def received(self) -> set[tuple[str, int]]:
+        with self._lock:
+            return set(self.arrivals)
+
+    def status_events(self, gateway: str) -> list[tuple[DeviceStatus, bool]]:
+        with self._lock:
+            return [(e, r) for e, r in self.statuses if e.gateway_id == gateway]
+
+    def wait_for(self, expected: set[tuple[str, int]], timeout: float = WAIT_S) -> None:
+        wait_until(lambda: expected <= self.received(), timeout, "every reading to arrive")
+
+    def assert_complete_and_ordered(self, expected: set[tuple[str, int]]) -> None:
+        """None missing; per device, first arrivals come in increasing seq order."""
+        with self._lock:
+            arrivals = list(self.arrivals)
+        first: dict[str, list[int]] = defaultdict(list)
+        seen: set[tuple[str, int]] = set()
+        for device, seq in arrivals:
+            if (device, seq) not in seen:
+                seen.add((device, seq))
+                first[device].append(seq)
+        missing = sorted(expected - seen)
+        assert not missing, f"{len(missing)} readings never arrived, e.g. {missing[:10]}"
+        for device, seqs in first.items():
+            out_of_order = [(a, b) for a, b in itertools.pairwise(seqs) if b < a]
+            assert not out_of_order, f"{device}: seq went back {out_of_order[:5]}"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Writer:
+    """Appends one TelemetryBatch every ``period_s`` for several devices, seq increasing."""
+
+    def __init__(
+        self, box: Outbox, gateway: str, devices: int = 5, per_device: int = 3, period_s=0.02
+    ) -> None:
+        self.box = box
+        self.gateway = gateway
+        self.devices = [f"mtr-{n:06d}" for n in range(devices)]
+        self.per_device = per_device
+        self.period_s = period_s
+        self.appended: set[tuple[str, int]] = set()
+        self.batches = 0
+        self._next_seq = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        topic = topics.site_telemetry(SITE, self.gateway)
+        while not self._stop.wait(self.period_s):
+            span = range(self._next_seq, self._next_seq + self.per_device)
+            payload = batch_payload(self.gateway, dict.fromkeys(self.devices, span))
+            self.box.append(topic, payload, readings=len(self.devices) * len(span))
+            self.appended |= {(d, s) for d in self.devices for s in span}
+            self._next_seq += self.per_device
+            self.batches += 1
+
+    def stop(self) -> set[tuple[str, int]]:
+        self._stop.set()
+        self._thread.join()
+        return self.appended
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Iterator[Outbox]:
+    with Outbox(tmp_path / "outbox.db") as outbox:
+        yield outbox
+
+
+def fast_backoff() -> Backoff:
+    return Backoff(initial_s=0.1, max_s=1.0, seed=1)
+
+
+# -- the issue's claims ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outage_s", [OUTAGE_S])
+def test_broker_outage_loses_no_reading_and_keeps_device_order(
+    mosquitto: Mosquitto, box: Outbox, outage_s: float
+) -> None:
+    gateway = "gw-outage"
+    ledger = Ledger(mosquitto, "ledger-outage", topics.subscription("site_telemetry"))
+    publisher = OutboxPublisher(
+        box, mosquitto.url, site=SITE, gateway_id=gateway, backoff=fast_backoff(),
+        max_in_flight=16, rate_limit_per_s=300, heartbeat_s=1.0,
+    ).start()  # fmt: skip
+    writer = Writer(box, gateway).start()
+    wait_until(lambda: len(ledger.received()) > 100, what="traffic before the outage")
+
+    mosquitto.stop()
+    time.sleep(outage_s)
+    backlog = box.depth
+    assert backlog >= outage_s * 20, f"only {backlog} messages queued during the outage"
+    assert not publisher.connected
+    mosquitto.start()  # same port, same persistence file
+    time.sleep(1.0)  # live traffic on top of the backlog
+
+    expected = writer.stop()
+    assert publisher.close(timeout_s=WAIT_S), f"{box.depth} messages left in the outbox"
+    ledger.wait_for(expected)
+    ledger.assert_complete_and_ordered(expected)
+    ledger.close()
+    stats = publisher.stats()
+    assert stats["reconnects"] >= 1
+    assert stats["acked"] == writer.batches
+    assert stats["queue_depth"] == stats["in_flight"] == 0
+
+
+_CRASH_CHILD = """
+import sys, time
+from edge_agent.outbox import Outbox
+from edge_agent.publisher import OutboxPublisher
+from meshwatch.backoff import Backoff
+from meshwatch.contract import Reading, TelemetryBatch, encode, topics
+
+path, url, site, gateway, t0 = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+box = Outbox(path)
+OutboxPublisher(box, url, site=site, gateway_id=gateway, rate_limit_per_s=30,
+                heartbeat_s=0.2, backoff=Backoff(initial_s=0.1, max_s=1.0)).start()
+topic = topics.site_telemetry(site, gateway)
+seq = 0
+while True:
+    readings = [Reading(device_id=d, ts_ms=t0 + seq * 1000, seq=seq, metrics={"flow_lpm": 1.0})
+                for d in ("mtr-a", "mtr-b", "mtr-c")]
+    batch = TelemetryBatch(site=site, gateway_id=gateway, sent_ms=t0, readings=readings)
+    box.append(topic, encode(batch), readings=3)
+    print(seq, flush=True)
+    seq += 1
+    time.sleep(0.01)
+"""
+
+
+def test_kill_9_mid_run_then_a_new_publisher_delivers_the_buffer_and_the_will_fires(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    gateway = "gw-crash"
+    path = tmp_path / "outbox.db"
+    ledger = Ledger(
+        mosquitto, "ledger-crash", topics.subscription("site_telemetry"),
+        topics.site_status(SITE, gateway),
+    )  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CRASH_CHILD, str(path), mosquitto.url, SITE, gateway, str(T0_MS)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    appended = []
+    for line in child.stdout:
+        appended.append(int(line))
+        if len(appended) >= 60 and len(ledger.received()) >= 30:
+            break
+    wait_until(
+        lambda: any(e.state is DeviceState.HEARTBEAT for e, _ in ledger.status_events(gateway)),
+        what="a heartbeat from the child",
+    )
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(10) == -signal.SIGKILL
+    appended += [int(line) for line in child.stdout.read().splitlines() if line.strip()]
+    child.stdout.close()
+
+    # The broker notices the dead connection and publishes the last will, retained.
+    wait_until(
+        lambda: any(e.state is DeviceState.DEATH for e, _ in ledger.status_events(gateway)),
+        timeout=10, what="the last will",
+    )  # fmt: skip
+    will = [e for e, _ in ledger.status_events(gateway) if e.state is DeviceState.DEATH][-1]
+    assert will.message == "connection lost (last will)"
+    states = [e.state for e, _ in ledger.status_events(gateway)]
+    assert states[0] is DeviceState.BIRTH
+
+    expected = {(d, seq) for d in ("mtr-a", "mtr-b", "mtr-c") for seq in appended}
+    with Outbox(path) as box:
+        assert box.depth > 10, "the child's publisher kept up: nothing was buffered"
+        assert not expected <= ledger.received()
+        publisher = OutboxPublisher(box, mosquitto.url, site=SITE, gateway_id=gateway).start()
+        assert publisher.close(timeout_s=WAIT_S)
+    ledger.wait_for(expected)
+    ledger.assert_complete_and_ordered(expected)
+    births = [e for e, _ in ledger.status_events(gateway) if e.state is DeviceState.BIRTH]
+    assert len(births) == 2  # the restarted publisher announced itself
+    ledger.close()
+
+
+def test_birth_heartbeats_and_clean_death_on_the_retained_status_topic(
+    mosquitto: Mosquitto, box: Outbox
+) -> None:
+    gateway = "gw-status"
+    status = topics.site_status(SITE, gateway)
+    ledger = Ledger(mosquitto, "ledger-status", status)
+    publisher = OutboxPublisher(
+        box, mosquitto.url, site=SITE, gateway_id=gateway, heartbeat_s=0.2,
+        devices=["mtr-000001", "mtr-000002"], agent_version="test-1",
+    ).start()  # fmt: skip
+    topic = topics.site_telemetry(SITE, gateway)
+    for seq in range(3):
+        box.append(topic, batch_payload(gateway, {"mtr-000001": range(seq, seq + 1)}))
+
+    def heartbeat_with_3_acked() -> bool:
+        return any(
+            e.state is DeviceState.HEARTBEAT and e.counters.get("acked") == 3
+            for e, _ in ledger.status_events(gateway)
+        )
+
+    wait_until(heartbeat_with_3_acked, what="a heartbeat counting 3 acked messages")
+    assert publisher.close(timeout_s=5)
+    wait_until(
+        lambda: ledger.status_events(gateway)[-1][0].state is DeviceState.DEATH,
+        what="the clean death",
+    )
+    events = [e for e, _ in ledger.status_events(gateway)]
+    assert events[0].state is DeviceState.BIRTH
+    assert events[0].devices == ["mtr-000001", "mtr-000002"]
+    assert events[0].agent_version == "test-1"
+    heartbeat = next(e for e in events if e.state is DeviceState.HEARTBEAT)
+    assert set(heartbeat.counters) >= {"published", "acked", "reconnects", "queue_depth"}
+    assert events[-1].message == "clean shutdown"
+    assert [e.state for e in events].count(DeviceState.DEATH) == 1  # the will did not fire
+    ledger.close()
+
+    late = Ledger(mosquitto, "late-reader", status)  # the last state is retained
+    wait_until(lambda: bool(late.status_events(gateway)), timeout=5, what="the retained status")
+    retained, flag = late.status_events(gateway)[0]
+    assert (retained.state, retained.message, flag) == (DeviceState.DEATH, "clean shutdown", True)
+    late.close()
+
+
+# -- pacing, windows, rejections, closing ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rate", "slowest_s", "fastest_s"), [(100.0, 3.0, 1.0), (None, 0.8, 0.0)])
+def test_a_backlog_drains_at_the_configured_rate_within_the_window(
+    mosquitto: Mosquitto, box: Outbox, rate: float | None, slowest_s: float, fastest_s: float
+) -> None:
+    gateway = "gw-pace"
+    ledger = Ledger(mosquitto, "ledger-pace", topics.subscription("site_telemetry"))
+    topic = topics.site_telemetry(SITE, gateway)
+    for seq in range(120):
+        box.append(topic, batch_payload(gateway, {"mtr-1": range(seq, seq + 1)}))
+    publisher = OutboxPublisher(
+        box, mosquitto.url, site=SITE, gateway_id=gateway, rate_limit_per_s=rate, max_in_flight=10
+    )
+    started = time.monotonic()
+    publisher.start()
+    most_in_flight = 0
+    while box.depth and time.monotonic() - started < WAIT_S:
+        most_in_flight = max(most_in_flight, publisher.in_flight)
+        time.sleep(0.001)
+    elapsed = time.monotonic() - started
+    # 120 messages, a burst of 10, then 100/s: at least 1.1 s.
+    assert fastest_s <= elapsed < slowest_s
+    assert 1 <= most_in_flight <= 10
+    assert publisher.close(timeout_s=5)
+    expected = {("mtr-1", seq) for seq in range(120)}
+    ledger.wait_for(expected)
+    ledger.assert_complete_and_ordered(expected)
+    ledger.close()
+
+
+class RestrictedMosquitto(Mosquitto):
+    """Mosquitto whose ACL lets anonymous clients publish to ``mw/#`` only."""
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        acl = self.config_path.with_name("acl")
+        acl.write_text("topic readwrite mw/#\n")
+        with self.config_path.open("a") as config:
+            config.write(f"acl_file {acl}\n")
+
+
+def test_a_refused_message_becomes_a_dead_letter_and_does_not_stall_the_queue(
+    tmp_path: Path, box: Outbox
+) -> None:
+    gateway = "gw-acl"
+    topic = topics.site_telemetry(SITE, gateway)
+    with RestrictedMosquitto(tmp_path) as broker:
+        ledger = Ledger(broker, "ledger-acl", topics.subscription("site_telemetry"))
+        box.append(topic, batch_payload(gateway, {"mtr-1": range(0, 1)}))
+        box.append("forbidden/topic", b"not allowed here")
+        for seq in range(1, 4):
+            box.append(topic, batch_payload(gateway, {"mtr-1": range(seq, seq + 1)}))
+        publisher = OutboxPublisher(
+            box, broker.url, site=SITE, gateway_id=gateway, backoff=fast_backoff()
+        ).start()
+        expected = {("mtr-1", seq) for seq in range(4)}
+        ledger.wait_for(expected)  # mosquitto dropped the connection; the rest still arrived
+        assert publisher.close(timeout_s=5)
+        ledger.assert_complete_and_ordered(expected)
+        assert (publisher.rejected, publisher.dead_lettered, publisher.acked) == (1, 1, 4)
+        assert publisher.resent >= 3  # what followed the refused message in flight was lost
+        assert (box.depth, box.dead_letters) == (0, 1)
+        ledger.close()
+
+
+def test_close_while_the_broker_is_down_keeps_the_messages(
+    mosquitto: Mosquitto, box: Outbox
+) -> None:
+    publisher = OutboxPublisher(
+        box, mosquitto.url, site=SITE, gateway_id="gw-down", backoff=fast_backoff()
+    ).start()
+    wait_until(lambda: publisher.connected, what="the first connection")
+    mosquitto.stop()
+    wait_until(lambda: not publisher.connected, what="the publisher to notice")
+    box.append("mw/v1/site/dma-01/gw/gw-down/telemetry", b"{}")
+    started = time.monotonic()
+    assert not publisher.close(timeout_s=1.0)
+    assert 0.9 <= time.monotonic() - started < 5.0  # it kept trying until the deadline
+    assert box.depth == 1
+    assert publisher.connect_failures >= 1
+
+
+def test_close_waits_for_the_broker_to_come_back_within_the_timeout(
+    mosquitto: Mosquitto, box: Outbox
+) -> None:
+    publisher = OutboxPublisher(
+        box, mosquitto.url, site=SITE, gateway_id="gw-back", backoff=fast_backoff()
+    ).start()
+    wait_until(lambda: publisher.connected, what="the first connection")
+    mosquitto.stop()
+    box.append("mw/v1/site/dma-01/gw/gw-back/telemetry", b"{}")
+    comeback = threading.Timer(1.0, mosquitto.start)
+    comeback.start()
+    assert publisher.close(timeout_s=10.0)
+    comeback.join()  # start() returns once the broker answers; let it finish before teardown
+    assert box.depth == 0
+
+
+# -- pure parts -----------------------------------------------------------------------------------
+
+
+def test_token_bucket_refills_at_its_rate_and_caps_bursts() -> None:
+    bucket = TokenBucket(rate=50.0, burst=10, now=0.0)
+    assert bucket.take(25, now=0.0) == 10
+    assert bucket.take(25, now=0.1) == 5
+    assert bucket.take(25, now=100.0) == 10  # idle time does not bank more than a burst
+    with pytest.raises(ValueError, match="rate must be > 0"):
+        TokenBucket(rate=0.0, burst=1, now=0.0)
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("tcp://broker:1883", "only mqtt:// is supported"),
+        ("mqtt://:1883", "has no host"),
+        ("mqtt://broker:99999", "bad port"),
+    ],
+)
+def test_bad_broker_urls_say_what_to_do(url: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        parse_broker_url(url)
+
+
+def test_credentials_from_arguments_override_the_url(box: Outbox) -> None:
+    publisher = OutboxPublisher(
+        box, "mqtt://u:p@broker", site=SITE, gateway_id="gw-1", password="other"
+    )
+    assert publisher._address == edge_agent.publisher.BrokerAddress("broker", 1883, "u", "other")
+    with pytest.raises(ValueError, match="topic level gateway='bad/id'"):
+        OutboxPublisher(box, "mqtt://broker", site=SITE, gateway_id="bad/id")
+
+
+@pytest.mark.parametrize("module", [edge_agent.outbox, edge_agent.publisher])
+def test_docstring_examples_run(module: object) -> None:
+    failures, tests = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
+    assert tests > 0
+    assert failures == 0
