@@ -75,7 +75,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -129,6 +129,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     set_aside_s REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sequences (device TEXT PRIMARY KEY, next INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('dropped_messages', 0), ('dropped_readings', 0);
 """
 
@@ -221,6 +222,7 @@ class Outbox:
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM dead_letters"
             ).fetchone()
             counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
+            sequences = dict(conn.execute("SELECT device, next FROM sequences").fetchall())
         except BaseException:
             conn.close()
             raise
@@ -230,6 +232,7 @@ class Outbox:
         self._dead_letters = int(dead)
         self._dropped_messages: int = counters["dropped_messages"]
         self._dropped_readings: int = counters["dropped_readings"]
+        self._next_seq: dict[str, int] = sequences
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -252,8 +255,14 @@ class Outbox:
         """
         return self.append_many([OutgoingMessage(topic, payload, qos, retain, key, readings)])[0]
 
-    def append_many(self, messages: Sequence[OutgoingMessage]) -> list[int]:
+    def append_many(
+        self, messages: Sequence[OutgoingMessage], next_seq: Mapping[str, int] | None = None
+    ) -> list[int]:
         """Store messages in one transaction (all or none) and return their ids, in order.
+
+        ``next_seq`` records, in the same transaction, the next ``seq`` of each device whose
+        readings the messages carry (see :meth:`next_seq`): a seq is persisted exactly when
+        the reading that used it is, so it is never reused for another stored reading.
 
         Raises:
             OutboxFull: no room for all of them under ``"refuse"`` (nothing is stored).
@@ -297,6 +306,12 @@ class Outbox:
                         ).fetchone()[0]
                         for row in rows
                     ]
+                    if next_seq:
+                        db.executemany(
+                            "INSERT INTO sequences VALUES (?, ?)"
+                            " ON CONFLICT(device) DO UPDATE SET next = excluded.next",
+                            next_seq.items(),
+                        )
                     db.execute("COMMIT")
                 except BaseException:
                     _rollback(db)
@@ -310,9 +325,16 @@ class Outbox:
                 )
                 raise OutboxFull(msg) from exc
             self._count_drops(*dropped)
+            if next_seq:
+                self._next_seq.update(next_seq)
             self._depth += len(ids)
             self._bytes += incoming
             return ids
+
+    def next_seq(self, device_id: str) -> int:
+        """The next ``seq`` for a device: 0 at first, then as stored by :meth:`append_many`."""
+        with self._lock:
+            return self._next_seq.get(device_id, 0)
 
     def ack(self, ids: Iterable[int]) -> int:
         """Delete acknowledged messages; return how many were still stored.

@@ -378,3 +378,19 @@ class DropOldestMachine(OutboxMachine):
 
 TestOutboxRefuseModel = OutboxMachine.TestCase
 TestOutboxDropOldestModel = DropOldestMachine.TestCase
+
+
+def test_sequences_persist_with_the_messages_that_used_them(tmp_path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path, max_bytes=1000) as box:
+        assert box.next_seq("mtr-1") == 0
+        box.append_many([OutgoingMessage("t", b"a", readings=3)], next_seq={"mtr-1": 3})
+        box.append_many([OutgoingMessage("t", b"b" * 600, readings=1)], next_seq={"mtr-1": 4})
+        box.ack([box.peek(1)[0].id])  # acking never rewinds a sequence
+        assert box.next_seq("mtr-1") == 4
+        with pytest.raises(OutboxFull):
+            box.append_many([OutgoingMessage("t", b"x" * 500)], next_seq={"mtr-1": 99})
+        assert box.next_seq("mtr-1") == 4  # the refused append stored no sequence either
+    with Outbox(path, max_bytes=1000) as box:
+        assert box.next_seq("mtr-1") == 4
+        assert box.next_seq("mtr-2") == 0
