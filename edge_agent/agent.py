@@ -1,0 +1,184 @@
+"""One gateway's edge agent: readings in, durable outbox, MQTT out.
+
+The agent owns an :class:`~edge_agent.outbox.Outbox` and an
+:class:`~edge_agent.publisher.OutboxPublisher` thread. Inputs hand it readings:
+
+- :meth:`EdgeAgent.submit_block`: a columnar block whose devices already numbered their
+  readings (the fleet simulator, a data concentrator); it is written as telemetry batches of
+  at most ``max_batch_readings`` in one outbox transaction.
+- :meth:`EdgeAgent.submit_reading`: one reading without a seq (OPC-UA, local MQTT devices);
+  the agent assigns the seq and batches by size and delay (:mod:`edge_agent.batcher`).
+
+Every message is in the outbox before it is published, so a reading accepted by the agent
+survives a broker outage and a ``kill -9``. When the outbox is full (``"refuse"`` policy),
+:meth:`submit_block` waits until the publisher has made room: the input is back-pressured,
+nothing is dropped. :meth:`close` (what SIGTERM calls) writes pending readings, waits for the
+outbox to drain up to a timeout, publishes a clean death and disconnects.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self
+
+from edge_agent.batcher import ReadingBatcher
+from edge_agent.outbox import Outbox, OutboxFull, OutgoingMessage
+from edge_agent.publisher import OutboxPublisher
+from meshwatch import __version__
+from meshwatch.contract import topics
+
+
+class ColumnarReadings(Protocol):
+    """What :meth:`EdgeAgent.submit_block` reads (:class:`simulators.ReadingBlock` is one)."""
+
+    gateway_id: str
+
+    def __len__(self) -> int: ...
+
+    def to_json_payloads(self, max_readings: int = ...) -> list[bytes]:
+        """The readings as TelemetryBatch JSON payloads of at most ``max_readings``."""
+        ...
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """How one agent runs; the ``[edge]`` section of the configuration maps onto this."""
+
+    site: str
+    gateway_id: str
+    broker_url: str
+    outbox_path: Path
+    username: str | None = None
+    password: str | None = None
+    outbox_max_bytes: int = 256 * 1024 * 1024
+    outbox_full_policy: str = "refuse"
+    outbox_synchronous: str = "FULL"
+    max_batch_readings: int = 500
+    max_batch_delay_s: float = 1.0
+    max_in_flight: int = 32
+    backlog_rate_per_s: float | None = 500.0
+    heartbeat_s: float = 30.0
+    full_retry_s: float = 0.05
+
+
+class EdgeAgent:
+    """One gateway: accept readings, store them durably, publish them at QoS1."""
+
+    def __init__(self, settings: AgentSettings, devices: list[str] | None = None) -> None:
+        self.settings = settings
+        self.topic = topics.site_telemetry(settings.site, settings.gateway_id)
+        self.outbox = Outbox(
+            settings.outbox_path,
+            max_bytes=settings.outbox_max_bytes,
+            full_policy=settings.outbox_full_policy,  # type: ignore[arg-type]
+            synchronous=settings.outbox_synchronous,  # type: ignore[arg-type]
+        )
+        self.batcher = ReadingBatcher(
+            self.outbox, site=settings.site, gateway_id=settings.gateway_id,
+            max_readings=settings.max_batch_readings, max_delay_s=settings.max_batch_delay_s,
+        )
+        self.publisher = OutboxPublisher(
+            self.outbox, settings.broker_url, site=settings.site,
+            gateway_id=settings.gateway_id, username=settings.username,
+            password=settings.password, max_in_flight=settings.max_in_flight,
+            rate_limit_per_s=settings.backlog_rate_per_s, heartbeat_s=settings.heartbeat_s,
+            devices=devices or (), agent_version=__version__,
+        )
+        self.readings_in = 0
+        self.messages_out = 0
+        self.waits_for_room = 0
+        self._stop = threading.Event()
+
+    def start(self) -> Self:
+        """Start publishing (the publisher connects in the background, with back-off)."""
+        self.publisher.start()
+        return self
+
+    def stop_waiting(self) -> None:
+        """Make a :meth:`submit_block` that waits for room give up (at shutdown)."""
+        self._stop.set()
+
+    def submit_block(self, block: ColumnarReadings) -> bool:
+        """Store a block's readings as telemetry batches; False if shutdown interrupted a wait.
+
+        Raises:
+            ValueError: the block belongs to another gateway.
+
+        """
+        if block.gateway_id != self.settings.gateway_id:
+            msg = (f"block of gateway {block.gateway_id} offered to the agent of"
+                   f" {self.settings.gateway_id}")
+            raise ValueError(msg)
+        payloads = block.to_json_payloads(self.settings.max_batch_readings)
+        sizes = _split_sizes(len(block), self.settings.max_batch_readings)
+        messages = [
+            OutgoingMessage(self.topic, payload, key=self.settings.gateway_id, readings=size)
+            for payload, size in zip(payloads, sizes, strict=True)
+        ]
+        while True:
+            try:
+                self.outbox.append_many(messages)
+            except OutboxFull:
+                self.waits_for_room += 1
+                if self._stop.wait(self.settings.full_retry_s):
+                    return False
+                continue
+            self.readings_in += len(block)
+            self.messages_out += len(messages)
+            return True
+
+    def submit_reading(self, device_id: str, ts_ms: int, metrics: dict[str, float]) -> None:
+        """Accept one reading without a seq (raises pydantic's error if it breaks the contract)."""
+        self.batcher.add(device_id, ts_ms, metrics)
+        self.readings_in += 1
+
+    def tick(self) -> None:
+        """Write single readings whose batch waited ``max_batch_delay_s``; call it regularly."""
+        self.batcher.flush_due()
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters for heartbeats, metrics and reports."""
+        return {
+            "readings_in": self.readings_in,
+            "messages_out": self.messages_out,
+            "waits_for_room": self.waits_for_room,
+            "readings_pending": self.batcher.pending,
+            "readings_dropped": self.batcher.dropped + self.outbox.dropped_readings,
+            **self.publisher.stats(),
+        }
+
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Flush pending readings, drain the outbox (up to ``timeout_s``), say goodbye.
+
+        Returns True when everything was delivered; what is left stays in the outbox file
+        and goes out at the next start.
+        """
+        self._stop.set()
+        self.batcher.flush()
+        drained = self.publisher.close(timeout_s)
+        self.outbox.close()
+        return drained
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _split_sizes(total: int, chunk: int) -> list[int]:
+    """Readings per payload when ``total`` readings are cut into chunks of ``chunk``.
+
+    >>> _split_sizes(1201, 500)
+    [500, 500, 201]
+    """
+    return [min(chunk, total - start) for start in range(0, total, chunk)]
+

@@ -1,0 +1,100 @@
+"""EdgeAgent: simulator blocks and single readings reach a real broker, none lost, in order."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from mqtt_ledger import Ledger
+from servers import Mosquitto
+
+from edge_agent.agent import AgentSettings, EdgeAgent
+from meshwatch.contract import topics
+from simulators import FleetConfig, FleetSimulator, SimConfig
+
+GATEWAY = "dma-01-gw-001"
+
+
+def _settings(tmp_path: Path, broker: Mosquitto, **overrides: object) -> AgentSettings:
+    values: dict[str, object] = {
+        "site": "dma-01", "gateway_id": GATEWAY, "broker_url": broker.url,
+        "outbox_path": tmp_path / "outbox.db", "outbox_synchronous": "NORMAL",
+        "max_batch_readings": 100, "backlog_rate_per_s": None,
+    }
+    values.update(overrides)
+    return AgentSettings(**values)  # type: ignore[arg-type]
+
+
+def _blocks_of_gateway(meters: int, days: float) -> list:
+    config = SimConfig(fleet=FleetConfig(meters=meters), days=days, seed=11)
+    return [b for b in FleetSimulator(config) if b.gateway_id == GATEWAY]
+
+
+def _first_arrivals(pairs: list[tuple[str, int]]) -> dict[str, list[int]]:
+    order: dict[str, list[int]] = defaultdict(list)
+    seen: set[tuple[str, int]] = set()
+    for device, seq in pairs:
+        if (device, seq) not in seen:
+            seen.add((device, seq))
+            order[device].append(seq)
+    return order
+
+
+def test_simulated_readings_all_arrive_in_the_order_given(tmp_path, mosquitto) -> None:
+    ledger = Ledger(mosquitto, "ledger-agent", topics.subscription("site_telemetry"))
+    blocks = _blocks_of_gateway(meters=400, days=0.5)  # with late and duplicate readings
+    submitted = [(str(d), int(s)) for b in blocks for d, s in zip(b.device_ids, b.seq,
+                                                                  strict=True)]
+    expected = set(submitted)
+    assert len(expected) > 5_000
+    with EdgeAgent(_settings(tmp_path, mosquitto)) as agent:
+        for block in blocks:
+            assert agent.submit_block(block)
+        ledger.wait_for(expected)
+        stats = agent.stats()
+    assert _first_arrivals(ledger.arrivals) == _first_arrivals(submitted)
+    assert stats["readings_in"] == len(submitted)
+    ledger.close()
+
+
+def test_single_readings_get_seqs_that_continue_after_a_restart(tmp_path, mosquitto) -> None:
+    ledger = Ledger(mosquitto, "ledger-single", topics.subscription("site_telemetry"))
+    t0 = 1_767_571_200_000
+    for run in range(2):
+        with EdgeAgent(_settings(tmp_path, mosquitto, max_batch_delay_s=0.05)) as agent:
+            for i in range(30):
+                agent.submit_reading("dma-01-pump", t0 + (run * 30 + i) * 60_000,
+                                     {"flow_lpm": 300.0 + i})
+            agent.tick()
+    expected = {("dma-01-pump", seq) for seq in range(60)}
+    ledger.wait_for(expected)
+    ledger.assert_complete_and_ordered(expected)
+    ledger.close()
+
+
+def test_a_full_outbox_back_pressures_instead_of_dropping(tmp_path, mosquitto) -> None:
+    blocks = _blocks_of_gateway(meters=400, days=0.25)
+    mosquitto.stop()  # nothing drains: the outbox fills up
+    agent = EdgeAgent(_settings(tmp_path, mosquitto, outbox_max_bytes=200_000)).start()
+    threading.Timer(1.0, agent.stop_waiting).start()  # shutdown ends the wait for room
+    accepted = 0
+    for block in blocks:
+        if not agent.submit_block(block):
+            break
+        accepted += 1
+    assert 0 < accepted < len(blocks)
+    assert agent.waits_for_room > 0
+    assert agent.stats()["readings_dropped"] == 0
+    assert agent.outbox.bytes_used <= 200_000
+    assert agent.close(timeout_s=0.5) is False  # what did not go out stays in the outbox
+
+
+def test_a_block_of_another_gateway_is_refused(tmp_path, mosquitto) -> None:
+    block = next(b for b in FleetSimulator(SimConfig(fleet=FleetConfig(meters=20), days=0.1))
+                 if b.gateway_id != GATEWAY)
+    with EdgeAgent(_settings(tmp_path, mosquitto)) as agent, pytest.raises(
+        ValueError, match="offered to the agent"
+    ):
+        agent.submit_block(block)
