@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from mqtt_ledger import Ledger
-from servers import Mosquitto
+from servers import Mosquitto, free_port
 
 from edge_agent.agent import AgentSettings, EdgeAgent
+from edge_agent.metrics import serve_metrics
 from meshwatch.contract import topics
 from simulators import FleetConfig, FleetSimulator, SimConfig
 
@@ -98,3 +100,21 @@ def test_a_block_of_another_gateway_is_refused(tmp_path, mosquitto) -> None:
         ValueError, match="offered to the agent"
     ):
         agent.submit_block(block)
+
+
+def test_metrics_endpoint_shows_the_agents_counters(tmp_path, mosquitto) -> None:
+    blocks = _blocks_of_gateway(meters=100, days=0.1)
+    with EdgeAgent(_settings(tmp_path, mosquitto)) as agent:
+        server = serve_metrics([agent], port=free_port(), host="127.0.0.1")
+        try:
+            for block in blocks:
+                agent.submit_block(block)
+            readings = sum(len(b) for b in blocks)
+            url = f"http://127.0.0.1:{server.server_port}/metrics"
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            assert f'meshwatch_edge_readings_in_total{{gateway="{GATEWAY}"}} {readings}.0' in text
+            for name in ("queue_depth", "oldest_queued_age_seconds", "reconnects_total",
+                         "batches_out_total", "connected"):
+                assert f"meshwatch_edge_{name}{{" in text, name
+        finally:
+            server.shutdown()
