@@ -32,6 +32,7 @@ class _Command(Protocol):
 # name -> (module providing add_arguments/run, one-line help)
 PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulators.command", "simulate a smart-water fleet with ground truth"),
+    "train": ("models.command", "train models"),
 }
 
 
