@@ -9,6 +9,10 @@ The agent owns an :class:`~edge_agent.outbox.Outbox` and an
 - :meth:`EdgeAgent.submit_reading`: one reading without a seq (OPC-UA, local MQTT devices);
   the agent assigns the seq and batches by size and delay (:mod:`edge_agent.batcher`).
 
+With an :class:`~edge_agent.scoring.EdgeScorer`, the readings also feed per-device feature
+windows; closed windows are scored by the edge model and their ``EdgeScore`` events (and edge
+alerts) go into the outbox in the same transaction as the telemetry that closed them.
+
 Every message is in the outbox before it is published, so a reading accepted by the agent
 survives a broker outage and a ``kill -9``. When the outbox is full (``"refuse"`` policy),
 :meth:`submit_block` waits until the publisher has made room: the input is back-pressured,
@@ -24,9 +28,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
+import numpy as np
+
 from edge_agent.batcher import ReadingBatcher
 from edge_agent.outbox import Outbox, OutboxFull, OutgoingMessage
 from edge_agent.publisher import OutboxPublisher
+from edge_agent.scoring import EdgeScorer
 from meshwatch import __version__
 from meshwatch.contract import topics
 
@@ -35,6 +42,13 @@ class ColumnarReadings(Protocol):
     """What :meth:`EdgeAgent.submit_block` reads (:class:`simulators.ReadingBlock` is one)."""
 
     gateway_id: str
+    ts_ms: np.ndarray
+    metrics: dict[str, np.ndarray]
+
+    @property
+    def device_ids(self) -> np.ndarray:
+        """The device id of each reading."""
+        ...
 
     def __len__(self) -> int: ...
 
@@ -67,8 +81,14 @@ class AgentSettings:
 class EdgeAgent:
     """One gateway: accept readings, store them durably, publish them at QoS1."""
 
-    def __init__(self, settings: AgentSettings, devices: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        devices: list[str] | None = None,
+        scorer: EdgeScorer | None = None,
+    ) -> None:
         self.settings = settings
+        self.scorer = scorer
         self.topic = topics.site_telemetry(settings.site, settings.gateway_id)
         self.outbox = Outbox(
             settings.outbox_path,
@@ -118,7 +138,32 @@ class EdgeAgent:
             OutgoingMessage(self.topic, payload, key=self.settings.gateway_id, readings=size)
             for payload, size in zip(payloads, sizes, strict=True)
         ]
-        while True:
+        if self.scorer is not None:
+            messages += self.scorer.readings(block.device_ids, block.ts_ms, block.metrics)
+        if not self._append(messages):
+            return False
+        self.readings_in += len(block)
+        return True
+
+    def submit_reading(self, device_id: str, ts_ms: int, metrics: dict[str, float]) -> bool:
+        """Accept one reading without a seq; False if shutdown interrupted a wait for room.
+
+        Raises:
+            pydantic.ValidationError: the reading breaks the contract; nothing was stored.
+
+        """
+        self.batcher.add(device_id, ts_ms, metrics)
+        self.readings_in += 1
+        if self.scorer is None:
+            return True
+        columns = {name: np.array([value]) for name, value in metrics.items()}
+        return self._append(
+            self.scorer.readings(np.array([device_id]), np.array([ts_ms]), columns)
+        )
+
+    def _append(self, messages: list[OutgoingMessage]) -> bool:
+        """Store messages in one transaction, waiting while the outbox is full."""
+        while messages:
             try:
                 self.outbox.append_many(messages)
             except OutboxFull:
@@ -126,14 +171,9 @@ class EdgeAgent:
                 if self._stop.wait(self.settings.full_retry_s):
                     return False
                 continue
-            self.readings_in += len(block)
             self.messages_out += len(messages)
-            return True
-
-    def submit_reading(self, device_id: str, ts_ms: int, metrics: dict[str, float]) -> None:
-        """Accept one reading without a seq (raises pydantic's error if it breaks the contract)."""
-        self.batcher.add(device_id, ts_ms, metrics)
-        self.readings_in += 1
+            break
+        return True
 
     def tick(self) -> None:
         """Write single readings whose batch waited ``max_batch_delay_s``; call it regularly."""
@@ -148,6 +188,7 @@ class EdgeAgent:
             "readings_pending": self.batcher.pending,
             "readings_dropped": self.batcher.dropped + self.outbox.dropped_readings,
             **self.publisher.stats(),
+            **(self.scorer.stats() if self.scorer is not None else {}),
         }
 
     def close(self, timeout_s: float = 10.0) -> bool:

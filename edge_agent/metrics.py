@@ -19,13 +19,21 @@ True
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from edge_agent.scoring import LATENCY_BUCKETS_S
 
 # stats key -> (metric name without prefix, counter?, help)
 METRICS: dict[str, tuple[str, bool, str]] = {
@@ -46,6 +54,10 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "queue_bytes": ("queue_bytes", False, "Bytes used by the durable outbox"),
     "oldest_age_s": ("oldest_queued_age_seconds", False, "Age of the oldest queued message"),
     "readings_pending": ("readings_pending", False, "Single readings waiting for a batch"),
+    "windows_scored": ("windows_scored", True, "Feature windows scored by the edge model"),
+    "edge_alerts": ("alerts", True, "Alerts raised at the edge"),
+    "edge_alerts_cleared": ("alerts_cleared", True, "Edge alerts cleared (score fell back)"),
+    "late_readings": ("late_readings", True, "Readings too late for their feature window"),
 }
 PREFIX = "meshwatch_edge_"
 
@@ -54,12 +66,22 @@ class _Settings(Protocol):
     gateway_id: str
 
 
+class _Latency(Protocol):
+    latency_counts: list[int]
+    latency_sum_s: float
+
+
 class StatsSource(Protocol):
     """An agent as the collector sees it."""
 
     @property
     def settings(self) -> _Settings:
         """The agent's settings (only ``gateway_id`` is read)."""
+        ...
+
+    @property
+    def scorer(self) -> _Latency | None:
+        """The agent's scorer, whose inference latency becomes a histogram."""
         ...
 
     def stats(self) -> dict[str, int | float]:
@@ -86,6 +108,18 @@ class AgentCollector(Collector):
                     families[key] = kind(PREFIX + name, help_text, labels=["gateway"])
                 families[key].add_metric([agent.settings.gateway_id], float(value))
         yield from families.values()
+        latency = HistogramMetricFamily(
+            PREFIX + "inference_latency_seconds", "Edge model call (one batch of windows)",
+            labels=["gateway"],
+        )
+        for agent in self.agents:
+            scorer = getattr(agent, "scorer", None)
+            if scorer is not None:
+                cumulative = list(itertools.accumulate(scorer.latency_counts))
+                buckets = [(_bound(b), float(n))
+                           for b, n in zip(LATENCY_BUCKETS_S, cumulative, strict=True)]
+                latency.add_metric([agent.settings.gateway_id], buckets, scorer.latency_sum_s)
+        yield latency
 
 
 def serve_metrics(
@@ -99,3 +133,7 @@ def serve_metrics(
     registry.register(AgentCollector(list(agents)))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
+
+
+def _bound(seconds: float) -> str:
+    return "+Inf" if seconds == float("inf") else repr(seconds)

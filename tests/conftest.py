@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from servers import InfluxDB1, Mosquitto, PostgreSQL, VictoriaMetrics
 
+from models.edge.train import TrainedModel, TrainSettings, train_edge_model, write_package
+
 
 def _unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
@@ -72,3 +74,20 @@ def postgres_db(postgres: PostgreSQL) -> Iterator[str]:
     yield url
     if postgres.running:
         postgres.drop_database(name)
+
+
+SMALL_EDGE_TRAINING = TrainSettings(meters=400, days=3, districts=4, seed=1_000_011)
+"""A small but real edge-model training run (a few seconds)."""
+
+
+@pytest.fixture(scope="session")
+def trained_edge_model() -> TrainedModel:
+    """An edge model trained once per session on simulated data."""
+    return train_edge_model(SMALL_EDGE_TRAINING)
+
+
+@pytest.fixture(scope="session")
+def edge_model_dir(trained_edge_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory,
+                   ) -> Path:
+    """A model package directory (``model.onnx`` + ``manifest.json``) of that model."""
+    return write_package(trained_edge_model, tmp_path_factory.mktemp("edge-model") / "pkg")

@@ -38,6 +38,7 @@ class Ledger:
     def __init__(self, broker: Mosquitto, client_id: str, *filters: str) -> None:
         self.arrivals: list[tuple[str, int]] = []  # (device, seq) per reading, arrival order
         self.statuses: list[tuple[DeviceStatus, bool]] = []  # (event, retained flag)
+        self.events: list[object] = []  # every decoded event, arrival order
         self.subscribed = threading.Event()
         self._filters = filters
         self._lock = threading.Lock()
@@ -65,6 +66,7 @@ class Ledger:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         event = decode_event(msg.payload)
         with self._lock:
+            self.events.append(event)
             if isinstance(event, TelemetryBatch):
                 self.arrivals += [(r.device_id, r.seq) for r in event.readings]
             elif isinstance(event, DeviceStatus):

@@ -8,13 +8,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from mqtt_ledger import Ledger
+from mqtt_ledger import Ledger, wait_until
 from servers import Mosquitto, free_port
 
 from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.metrics import serve_metrics
-from meshwatch.contract import topics
-from simulators import FleetConfig, FleetSimulator, SimConfig
+from edge_agent.scoring import EdgeScorer
+from meshwatch.contract import Alert, EdgeScore, topics
+from models.edge.package import load_package
+from models.edge.train import TRAINING_RATES
+from simulators import Episode, FleetConfig, FleetSimulator, SimConfig
 
 GATEWAY = "dma-01-gw-001"
 
@@ -102,9 +105,11 @@ def test_a_block_of_another_gateway_is_refused(tmp_path, mosquitto) -> None:
         agent.submit_block(block)
 
 
-def test_metrics_endpoint_shows_the_agents_counters(tmp_path, mosquitto) -> None:
-    blocks = _blocks_of_gateway(meters=100, days=0.1)
-    with EdgeAgent(_settings(tmp_path, mosquitto)) as agent:
+def test_metrics_endpoint_shows_the_agents_counters(tmp_path, mosquitto, edge_model_dir) -> None:
+    blocks = _blocks_of_gateway(meters=100, days=0.5)
+    scorer = EdgeScorer(load_package(edge_model_dir), site="dma-01", gateway_id=GATEWAY,
+                        threshold=0.9)
+    with EdgeAgent(_settings(tmp_path, mosquitto), scorer=scorer) as agent:
         server = serve_metrics([agent], port=free_port(), host="127.0.0.1")
         try:
             for block in blocks:
@@ -112,9 +117,48 @@ def test_metrics_endpoint_shows_the_agents_counters(tmp_path, mosquitto) -> None
             readings = sum(len(b) for b in blocks)
             url = f"http://127.0.0.1:{server.server_port}/metrics"
             text = urllib.request.urlopen(url, timeout=5).read().decode()
-            assert f'meshwatch_edge_readings_in_total{{gateway="{GATEWAY}"}} {readings}.0' in text
-            for name in ("queue_depth", "oldest_queued_age_seconds", "reconnects_total",
-                         "batches_out_total", "connected"):
-                assert f"meshwatch_edge_{name}{{" in text, name
         finally:
             server.shutdown()
+    label = f'{{gateway="{GATEWAY}"}}'
+    assert f"meshwatch_edge_readings_in_total{label} {readings}.0" in text
+    for name in ("queue_depth", "oldest_queued_age_seconds", "reconnects_total",
+                 "batches_out_total", "connected", "windows_scored_total"):
+        assert f"meshwatch_edge_{name}{{" in text, name
+    calls = sum(scorer.latency_counts)
+    assert calls > 0
+    assert f"meshwatch_edge_inference_latency_seconds_count{label} {calls}.0" in text
+
+
+def test_windows_are_scored_at_the_edge_and_incidents_raise_alerts(
+    tmp_path, mosquitto, edge_model_dir
+) -> None:
+    model = load_package(edge_model_dir)
+    ledger = Ledger(mosquitto, "ledger-scores", topics.subscription("site_scores"),
+                    topics.subscription("site_alerts"))
+    episodes: list[Episode] = []
+    config = SimConfig(fleet=FleetConfig(meters=500), days=2, seed=23,
+                       incidents=TRAINING_RATES)
+    simulator = FleetSimulator(config, on_episode=episodes.append)
+    scorer = EdgeScorer(model, site="dma-01", gateway_id=GATEWAY, threshold=0.5)
+    with EdgeAgent(_settings(tmp_path, mosquitto), scorer=scorer) as agent:
+        for block in simulator:
+            if block.gateway_id == GATEWAY:
+                agent.submit_block(block)
+        sent = sum(agent.stats()[k] for k in ("windows_scored", "edge_alerts",
+                                              "edge_alerts_cleared"))
+        wait_until(lambda: len(ledger.events) >= sent, 30, "every score and alert to arrive")
+        stats = agent.stats()
+    scores = [e for e in ledger.events if isinstance(e, EdgeScore)]
+    alerts = [e for e in ledger.events if isinstance(e, Alert)]
+    assert len(scores) == stats["windows_scored"] > 1000
+    assert {s.model_version for s in scores} == {model.version}
+    opened = [a for a in alerts if a.status == "open"]
+    assert len(opened) == stats["edge_alerts"] > 0
+    assert len({a.alert_id for a in opened}) == len(opened)  # one alert per episode
+    assert all(a.score >= 0.5 for a in opened)
+    ids = simulator.fleet.device_ids
+    leaking = {str(ids[e.device]) for e in episodes if e.kind == "customer_leak"}
+    alerted = {a.device_id for a in opened}
+    devices = {s.device_id for s in scores}
+    precision = len(alerted & leaking) / len(alerted)
+    assert precision > 3 * len(leaking & devices) / len(devices)  # far better than chance

@@ -12,26 +12,26 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import SMALL_EDGE_TRAINING
 from onnx import TensorProto, helper
 
 from meshwatch.cli import main
 from models.edge.features import FEATURE_NAMES
 from models.edge.package import ModelPackageError, load_package
-from models.edge.train import CLASSES, TrainSettings, train_edge_model, write_package
+from models.edge.train import CLASSES, train_edge_model
 
-SMALL = TrainSettings(meters=400, days=3, districts=4, seed=1_000_011)
 WIDTH = len(FEATURE_NAMES)
 HEAVY_MODULES = ("sklearn", "skl2onnx", "river", "bytewax", "pyarrow", "scipy", "onnx")
 
 
-@pytest.fixture(scope="module")
-def trained():
-    return train_edge_model(SMALL)
+@pytest.fixture
+def trained(trained_edge_model):
+    return trained_edge_model
 
 
-@pytest.fixture(scope="module")
-def package(trained, tmp_path_factory) -> Path:
-    return write_package(trained, tmp_path_factory.mktemp("edge") / "pkg")
+@pytest.fixture
+def package(edge_model_dir) -> Path:
+    return edge_model_dir
 
 
 @pytest.fixture
@@ -56,11 +56,11 @@ def test_package_round_trip(trained, package):
     model = load_package(package, expected_sha256=manifest["sha256"].upper(),
                          expected_features=FEATURE_NAMES)
     assert (model.model_id, model.version) == ("edge-rf", manifest["version"])
-    assert model.window_spec == SMALL.window
+    assert model.window_spec == SMALL_EDGE_TRAINING.window
     assert manifest["feature_names"] == list(FEATURE_NAMES)
     assert manifest["classes"] == list(CLASSES)
     assert manifest["sha256"] == hashlib.sha256((package / "model.onnx").read_bytes()).hexdigest()
-    assert manifest["training"]["seed"] == SMALL.seed
+    assert manifest["training"]["seed"] == SMALL_EDGE_TRAINING.seed
     assert len(manifest["training"]["data_sha256"]) == 64
     assert manifest["created_at"].endswith("+00:00")
     scores = model.score(trained.test_features[:100])
@@ -80,7 +80,7 @@ def test_held_out_metrics_beat_chance(trained):
 
 
 def test_same_seed_same_model_and_metrics(trained):
-    again = train_edge_model(SMALL)
+    again = train_edge_model(SMALL_EDGE_TRAINING)
     assert again.onnx_bytes == trained.onnx_bytes
     for key in ("metrics", "training", "sha256", "version"):
         assert again.manifest[key] == trained.manifest[key]

@@ -1,0 +1,147 @@
+"""Local scoring: feature windows per device, one batched ONNX call, scores and edge alerts.
+
+:class:`EdgeScorer` feeds readings into :class:`models.edge.features.FeatureWindows`; the
+windows that close together are scored in one call of the current
+:class:`models.edge.package.EdgeModel`. Each closed window gives an :class:`EdgeScore` on the
+gateway's scores topic, carrying the model id and version.
+
+Edge alerts: a device whose score reaches ``threshold`` gets one :class:`Alert` on the
+gateway's alerts topic, at once, without waiting for the cloud. The alert id is derived from
+the device, the kind and the start of the first flagged window, so a replay gives the same
+id; while the device stays flagged no new alert is raised, and the first window back below
+the threshold sends the same alert id with status ``cleared`` (hysteresis: one alert per
+episode, not one per window). The kind comes from the most likely non-normal class
+(``leak_like`` → ``leak``, ``fault_like`` → ``sensor_fault``).
+
+:meth:`EdgeScorer.swap` replaces the model between two calls (the agent calls it between
+blocks, so no reading is scored half by one model and half by another). A model with another
+window spec starts fresh windows; one with the same spec keeps the open windows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from edge_agent.outbox import OutgoingMessage
+from meshwatch.contract import Alert, AlertStatus, EdgeScore, Severity, encode, topics
+from models.edge.features import FEATURE_NAMES, ClosedWindows, FeatureWindows, pressure_of
+from models.edge.package import NORMAL_CLASS, EdgeModel
+
+KIND_OF_CLASS = {"leak_like": "leak", "fault_like": "sensor_fault"}
+LATENCY_BUCKETS_S = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, float("inf"))
+"""Upper bounds of the inference-latency histogram (seconds per batched call)."""
+
+
+class EdgeScorer:
+    """Score one gateway's devices with the current edge model."""
+
+    def __init__(self, model: EdgeModel, *, site: str, gateway_id: str, threshold: float) -> None:
+        if not 0 < threshold <= 1:
+            msg = f"the edge alert threshold must be in (0, 1], got {threshold}"
+            raise ValueError(msg)
+        self.site = site
+        self.gateway_id = gateway_id
+        self.threshold = threshold
+        self.scores_topic = topics.build("site_scores", site=site, gateway=gateway_id)
+        self.alerts_topic = topics.build("site_alerts", site=site, gateway=gateway_id)
+        self.model = model
+        self.windows = FeatureWindows(model.window_spec)
+        self.windows_scored = 0
+        self.alerts_raised = 0
+        self.alerts_cleared = 0
+        self.latency_counts = [0] * len(LATENCY_BUCKETS_S)
+        self.latency_sum_s = 0.0
+        self._flagged: dict[str, tuple[str, int]] = {}  # device -> (alert kind, first start)
+
+    def swap(self, model: EdgeModel) -> None:
+        """Serve ``model`` from the next call on."""
+        if model.window_spec != self.model.window_spec:
+            self.windows = FeatureWindows(model.window_spec)
+        self.model = model
+
+    def readings(
+        self, device_ids: np.ndarray, ts_ms: np.ndarray, metrics: Mapping[str, np.ndarray]
+    ) -> list[OutgoingMessage]:
+        """Add readings with a ``flow_lpm`` column; return score and alert messages to send."""
+        flow = metrics.get("flow_lpm")
+        if flow is None or len(device_ids) == 0:
+            return []
+        slots = self.windows.slots(device_ids.tolist())
+        closed = self.windows.add(slots, ts_ms, flow, pressure_of(metrics))
+        return self._score(closed) if len(closed) else []
+
+    def flush(self, until_ms: int) -> list[OutgoingMessage]:
+        """Close windows that ended by ``until_ms`` (devices gone silent) and score them."""
+        closed = self.windows.flush(until_ms)
+        return self._score(closed) if len(closed) else []
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters for the agent's stats."""
+        return {"windows_scored": self.windows_scored, "edge_alerts": self.alerts_raised,
+                "edge_alerts_cleared": self.alerts_cleared,
+                "late_readings": self.windows.late_readings}
+
+    def _score(self, closed: ClosedWindows) -> list[OutgoingMessage]:
+        model = self.model
+        started = time.perf_counter()
+        probabilities = model.probabilities(closed.features)
+        self._observe(time.perf_counter() - started)
+        classes = list(model.manifest.classes)
+        normal = classes.index(NORMAL_CLASS)
+        scores = 1.0 - probabilities[:, normal]
+        self.windows_scored += len(closed)
+        messages = []
+        for row in range(len(closed)):
+            device = str(closed.device_ids[row])
+            score = float(np.clip(scores[row], 0.0, 1.0))
+            event = EdgeScore(
+                device_id=device, window_start_ms=int(closed.start_ms[row]),
+                window_end_ms=int(closed.end_ms[row]), score=score, model_id=model.model_id,
+                model_version=model.version,
+                features=dict(zip(FEATURE_NAMES, closed.features[row].tolist(), strict=True)),
+            )
+            messages.append(OutgoingMessage(self.scores_topic, encode(event), key=device))
+            alert = self._alert(device, score, probabilities[row], classes, closed, row)
+            if alert is not None:
+                messages.append(OutgoingMessage(self.alerts_topic, encode(alert), key=device))
+        return messages
+
+    def _alert(self, device: str, score: float, probabilities: np.ndarray, classes: list[str],
+               closed: ClosedWindows, row: int) -> Alert | None:
+        start, end = int(closed.start_ms[row]), int(closed.end_ms[row])
+        flagged = self._flagged.get(device)
+        if score < self.threshold:
+            if flagged is None:
+                return None
+            del self._flagged[device]
+            self.alerts_cleared += 1
+            return self._make_alert(device, *flagged, end, score, AlertStatus.CLEARED)
+        if flagged is not None:
+            return None
+        ranked = sorted((p, c) for p, c in zip(probabilities.tolist(), classes, strict=True)
+                        if c != NORMAL_CLASS)
+        kind = KIND_OF_CLASS.get(ranked[-1][1], "anomaly")
+        self._flagged[device] = (kind, start)
+        self.alerts_raised += 1
+        return self._make_alert(device, kind, start, end, score, AlertStatus.OPEN)
+
+    def _make_alert(self, device: str, kind: str, first_ms: int, last_ms: int, score: float,
+                    status: AlertStatus) -> Alert:
+        severity = Severity.MAJOR if score >= 0.95 else Severity.MINOR
+        return Alert(
+            alert_id=f"edge-{device}-{kind}-{first_ms}", device_id=device, kind=kind,
+            severity=severity, status=status, score=score, first_ts_ms=first_ms,
+            last_ts_ms=last_ms, model_version=self.model.version,
+            evidence={"source": "edge", "gateway_id": self.gateway_id,
+                      "model_id": self.model.model_id},
+        )
+
+    def _observe(self, seconds: float) -> None:
+        self.latency_sum_s += seconds
+        for index, bound in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                self.latency_counts[index] += 1
+                return
