@@ -225,6 +225,7 @@ class OutboxPublisher:
         self.backoff = backoff or Backoff(initial_s=0.5, max_s=30.0)
         self.devices = list(devices)
         self.agent_version = agent_version
+        self.model_version: str | None = None  # the edge model serving now, for status events
         self.poll_s = poll_s
         self._address = BrokerAddress(
             address.host,
@@ -256,6 +257,7 @@ class OutboxPublisher:
         self._death_mid: int | None = None
         self._death_acked = False
         self._next_heartbeat = 0.0
+        self._notes: list[str] = []  # messages for the next heartbeats (list ops are atomic)
         self._bucket: TokenBucket | None = None
         self._stop = threading.Event()  # set by close(): flush, say goodbye, leave
         self._flush_deadline = 0.0
@@ -307,6 +309,13 @@ class OutboxPublisher:
             "oldest_age_s": self.outbox.oldest_age_s(),
             "dropped_readings": self.outbox.dropped_readings,
         }
+
+    def report(self, message: str) -> None:
+        """Publish ``message`` in a heartbeat on the status topic as soon as connected.
+
+        For events operators must see, such as a rejected model update. Any thread may call it.
+        """
+        self._notes.append(message)
 
     def close(self, timeout_s: float = 10.0) -> bool:
         """Flush and stop: wait up to ``timeout_s`` for the outbox to drain, then say goodbye.
@@ -375,8 +384,9 @@ class OutboxPublisher:
         now = time.monotonic()
         if self.backoff.attempts and now - self._connected_at >= self.stable_after_s:
             self.backoff.reset()
-        if now >= self._next_heartbeat:
-            self._publish_status(client, DeviceState.HEARTBEAT)
+        if now >= self._next_heartbeat or self._notes:
+            note = self._notes.pop(0) if self._notes else None
+            self._publish_status(client, DeviceState.HEARTBEAT, note)
             self._next_heartbeat = time.monotonic() + self.heartbeat_s
 
     def _connect(self) -> None:
@@ -528,6 +538,7 @@ class OutboxPublisher:
             devices=self.devices,
             counters=counters,
             agent_version=self.agent_version,
+            model_version=self.model_version,
             message=note,
         )
 

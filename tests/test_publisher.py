@@ -27,6 +27,7 @@ from edge_agent.publisher import OutboxPublisher, TokenBucket, parse_broker_url
 from meshwatch.backoff import Backoff
 from meshwatch.contract import (
     DeviceState,
+    DeviceStatus,
     Reading,
     TelemetryBatch,
     encode,
@@ -384,3 +385,25 @@ def test_credentials_from_arguments_override_the_url(box: Outbox) -> None:
     with pytest.raises(ValueError, match="topic level gateway='bad/id'"):
         OutboxPublisher(box, "mqtt://broker", site=SITE, gateway_id="bad/id")
 
+
+
+def test_reported_events_reach_the_status_topic_with_the_model_version(
+    mosquitto: Mosquitto, box: Outbox
+) -> None:
+    ledger = Ledger(mosquitto, "ledger-report", topics.subscription("site_status"))
+    publisher = OutboxPublisher(box, mosquitto.url, site=SITE, gateway_id="gw-report",
+                                heartbeat_s=3600)
+    publisher.model_version = "abc123"
+    publisher.report("model edge-rf 7 rejected: sha256 mismatch")
+    publisher.start()
+
+    def reported() -> list[DeviceStatus]:
+        return [e for e, _ in ledger.status_events("gw-report") if e.message]
+
+    wait_until(lambda: any("rejected" in (e.message or "") for e in reported()),
+               what="the reported event")
+    event = next(e for e in reported() if "rejected" in (e.message or ""))
+    assert event.state == DeviceState.HEARTBEAT
+    assert event.model_version == "abc123"
+    publisher.close()
+    ledger.close()
