@@ -14,13 +14,27 @@ defaults below. Unknown keys in the file are errors, so typos do not pass silent
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from meshwatch.contract.events import ID_PATTERN
+from meshwatch.contract.units import METRIC_NAME_PATTERN, UNITS
 
 ENV_PREFIX = "MESHWATCH_"
 MASK = "***"
@@ -110,6 +124,111 @@ class RegistryConfig(_Section):
     file: Path | None = None
 
 
+OPCUA_NODE_ID_PATTERN = (
+    r"^(?:ns=\d{1,5};)?(?:i=\d{1,10}|s=.+|b=[A-Za-z0-9+/]+={0,2}"
+    r"|g=[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12})$"
+)
+"""OPC-UA node ids in their string form: ``ns=<index>;`` then ``s=``, ``i=``, ``g=`` or ``b=``."""
+
+
+class OpcUaNodeConfig(_Section):
+    """One OPC-UA variable mapped to a device's metric: ``value * scale + offset``.
+
+    >>> OpcUaNodeConfig(node_id="ns=2;s=dma-01-pump.flow_lpm", device_id="dma-01-pump",
+    ...                 metric="flow_lpm").scale
+    1.0
+    """
+
+    node_id: str
+    device_id: str
+    metric: str
+    scale: float = 1.0
+    offset: float = 0.0
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, node_id: str) -> str:
+        if not re.fullmatch(OPCUA_NODE_ID_PATTERN, node_id):
+            msg = (f"node_id {node_id!r} is not an OPC-UA node id; write it as "
+                   "ns=<index>;s=<name> (or i=<number>, g=<guid>, b=<base64>), "
+                   "e.g. ns=2;s=dma-01-pump.flow_lpm")
+            raise ValueError(msg)
+        return node_id
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, device_id: str) -> str:
+        if not re.fullmatch(ID_PATTERN, device_id):
+            msg = (f"device_id {device_id!r} must be 1 to 64 letters, digits or _.:- "
+                   "starting with a letter or digit")
+            raise ValueError(msg)
+        return device_id
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, metric: str) -> str:
+        if not re.fullmatch(METRIC_NAME_PATTERN, metric):
+            msg = (f"metric {metric!r} must be <quantity>_<unit> in lower snake case, "
+                   f"e.g. flow_lpm; the unit is one of {', '.join(UNITS)}")
+            raise ValueError(msg)
+        return metric
+
+    @field_validator("scale", "offset")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            msg = f"must be a finite number, got {value!r}"
+            raise ValueError(msg)
+        return value
+
+
+class OpcUaServerConfig(_Section):
+    """An OPC-UA server to subscribe to, and which of its nodes become which metrics.
+
+    ``username``/``password`` log in with a user name token (both or neither; anonymous
+    when unset). ``publishing_interval_ms`` is the subscription's publishing interval;
+    ``queue_size`` is how many changes the server keeps per node between publishes, so
+    values that change faster than the interval are not lost. Every ``keepalive_s`` the
+    client reads the server's state and expects at least a keep-alive from the
+    subscription: a failed read means the connection is lost, a subscription silent for
+    1.5 times that long is re-created. A lost connection is retried with back-off capped
+    at ``reconnect_max_s``, and the subscription is created anew each time.
+    """
+
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+    publishing_interval_ms: int = Field(1000, ge=10, le=3_600_000)
+    queue_size: int = Field(100, ge=1, le=10_000)
+    keepalive_s: float = Field(10.0, ge=0.1, le=3600)
+    reconnect_max_s: float = Field(30.0, ge=0.1, le=3600)
+    nodes: list[OpcUaNodeConfig] = Field(min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _opc_tcp(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme != "opc.tcp" or not parts.hostname:
+            msg = f"opcua url must look like opc.tcp://host:4840, got {mask_url(url)!r}"
+            raise ValueError(msg)
+        return url
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OpcUaServerConfig:
+        if (self.username is None) != (self.password is None):
+            msg = "set both username and password for a user login, or neither for anonymous"
+            raise ValueError(msg)
+        node_ids = Counter(node.node_id for node in self.nodes)
+        targets = Counter(f"{node.device_id}/{node.metric}" for node in self.nodes)
+        for what, counts in (("node_id", node_ids), ("device_id/metric", targets)):
+            twice = sorted(value for value, count in counts.items() if count > 1)
+            if twice:
+                msg = (f"nodes: {what} {', '.join(twice)} mapped more than once; "
+                       "map each node and each device metric once")
+                raise ValueError(msg)
+        return self
+
+
 class Config(BaseSettings):
     """Everything a Meshwatch service reads at start-up."""
 
@@ -123,6 +242,7 @@ class Config(BaseSettings):
     influxdb: InfluxConfig = InfluxConfig()
     database: DatabaseConfig = DatabaseConfig()
     registry: RegistryConfig = RegistryConfig()
+    opcua: list[OpcUaServerConfig] = []
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
@@ -183,6 +303,8 @@ def _mask(value: Any) -> Any:
         return MASK
     if isinstance(value, dict):
         return {key: _mask(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mask(item) for item in value]
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, str) and "://" in value:
@@ -199,5 +321,7 @@ def _describe(exc: ValidationError, path: Path | str | None) -> str:
             lines.append(f"  {where}: unknown key (see examples/meshwatch.toml for every key)")
         else:
             env_name = ENV_PREFIX + "__".join(str(p).upper() for p in error["loc"])
+            if any(isinstance(part, int) for part in error["loc"]):  # lists: whole JSON value
+                env_name = f"{ENV_PREFIX}{str(error['loc'][0]).upper()} as JSON"
             lines.append(f"  {where}: {error['msg']} (set in the file or as {env_name})")
     return "\n".join(lines)
