@@ -36,6 +36,7 @@ from edge_agent.publisher import OutboxPublisher
 from edge_agent.scoring import EdgeScorer
 from meshwatch import __version__
 from meshwatch.contract import topics
+from models.edge.package import EdgeModel
 
 
 class ColumnarReadings(Protocol):
@@ -110,7 +111,10 @@ class EdgeAgent:
         self.readings_in = 0
         self.messages_out = 0
         self.waits_for_room = 0
+        self.final_stats: dict[str, int | float] = {}  # stats() as they were at close()
         self._stop = threading.Event()
+        self._model_lock = threading.Lock()
+        self._offered: EdgeModel | None = None  # swapped in by the next submit_*
 
     def start(self) -> Self:
         """Start publishing (the publisher connects in the background, with back-off)."""
@@ -128,6 +132,7 @@ class EdgeAgent:
             ValueError: the block belongs to another gateway.
 
         """
+        self._swap_offered_model()
         if block.gateway_id != self.settings.gateway_id:
             msg = (f"block of gateway {block.gateway_id} offered to the agent of"
                    f" {self.settings.gateway_id}")
@@ -152,6 +157,7 @@ class EdgeAgent:
             pydantic.ValidationError: the reading breaks the contract; nothing was stored.
 
         """
+        self._swap_offered_model()
         self.batcher.add(device_id, ts_ms, metrics)
         self.readings_in += 1
         if self.scorer is None:
@@ -160,6 +166,36 @@ class EdgeAgent:
         return self._append(
             self.scorer.readings(np.array([device_id]), np.array([ts_ms]), columns)
         )
+
+    def offer_model(self, model: EdgeModel) -> None:
+        """Serve ``model`` from the next :meth:`submit_block` or :meth:`submit_reading` on.
+
+        Any thread may call it (the model watcher does). The swap happens between two calls,
+        so no block is scored by two models; a later offer replaces one not yet swapped in.
+
+        Raises:
+            RuntimeError: the agent has no scorer, so it serves no model.
+
+        """
+        if self.scorer is None:
+            msg = ("this agent has no scorer, so it serves no model; build it with"
+                   " EdgeAgent(..., scorer=EdgeScorer(model, ...))")
+            raise RuntimeError(msg)
+        with self._model_lock:
+            self._offered = model
+
+    def _swap_offered_model(self) -> None:
+        """Swap in the model offered since the last call, and say so in a heartbeat."""
+        if self._offered is None:  # the common case, without taking the lock
+            return
+        with self._model_lock:
+            model, self._offered = self._offered, None
+        if model is None:  # another input thread swapped it in already
+            return
+        assert self.scorer is not None  # offer_model() checked
+        self.scorer.swap(model)
+        self.publisher.model_version = model.version
+        self.publisher.report(f"model {model.model_id} {model.version} now serving")
 
     def _append(self, messages: list[OutgoingMessage]) -> bool:
         """Store messages in one transaction, waiting while the outbox is full."""
@@ -200,6 +236,7 @@ class EdgeAgent:
         self._stop.set()
         self.batcher.flush()
         drained = self.publisher.close(timeout_s)
+        self.final_stats = self.stats()
         self.outbox.close()
         return drained
 

@@ -33,6 +33,7 @@ class _Command(Protocol):
 PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulators.command", "simulate a smart-water fleet with ground truth"),
     "train": ("models.command", "train models"),
+    "edge": ("edge_agent.command", "run one gateway's edge agent (store-and-forward, scoring)"),
 }
 
 

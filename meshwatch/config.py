@@ -229,6 +229,34 @@ class OpcUaServerConfig(_Section):
         return self
 
 
+class EdgeConfig(_Section):
+    """One edge agent process: the gateway it serves, its outbox, batching and scoring."""
+
+    site: str | None = None
+    gateway_id: str | None = None
+    outbox_path: Path = Path("edge-outbox.db")
+    outbox_max_mb: float = Field(256.0, gt=0)
+    outbox_full_policy: Literal["refuse", "drop_oldest"] = "refuse"
+    outbox_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    batch_max_readings: int = Field(500, ge=1, le=10_000)
+    batch_max_delay_s: float = Field(1.0, gt=0)
+    max_in_flight: int = Field(32, ge=1, le=65_535)
+    backlog_rate_per_s: float = Field(500.0, ge=0)
+    heartbeat_s: float = Field(30.0, gt=0)
+    shutdown_timeout_s: float = Field(10.0, ge=0)
+    metrics_port: int = Field(0, ge=0, le=65_535)
+    model_dir: Path | None = None
+    alert_threshold: float = Field(0.8, gt=0, le=1)
+
+    @field_validator("site", "gateway_id")
+    @classmethod
+    def _topic_safe(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(ID_PATTERN, value):
+            msg = f"{value!r} must be 1 to 64 letters, digits or _.:- (it is a topic level)"
+            raise ValueError(msg)
+        return value
+
+
 class Config(BaseSettings):
     """Everything a Meshwatch service reads at start-up."""
 
@@ -243,6 +271,7 @@ class Config(BaseSettings):
     database: DatabaseConfig = DatabaseConfig()
     registry: RegistryConfig = RegistryConfig()
     opcua: list[OpcUaServerConfig] = []
+    edge: EdgeConfig = EdgeConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

@@ -1,0 +1,202 @@
+"""``meshwatch edge --config FILE``: run one gateway's edge agent until stopped.
+
+The agent publishes to ``site_broker`` with the ``[edge]`` settings of the configuration.
+Inputs, any combination:
+
+- the OPC-UA servers of ``[[opcua]]`` (data-change subscriptions);
+- ``--simulate``: the in-process fleet simulator, keeping the readings of this gateway's
+  devices (for demos and load tests; ``--speed`` paces it, else it runs flat out and the
+  agent exits when the simulated days are over).
+
+SIGTERM and Ctrl-C stop the inputs, write pending readings to the outbox, wait up to
+``edge.shutdown_timeout_s`` for the outbox to drain, publish a clean death and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.agent import AgentSettings, EdgeAgent
+from edge_agent.metrics import serve_metrics
+from edge_agent.opcua_input import OpcUaInput, OpcUaReading
+from edge_agent.outbox import OutboxError
+from edge_agent.scoring import EdgeScorer
+from meshwatch.config import Config, ConfigError, load_config
+from models.edge.package import ModelPackageError, load_package
+
+log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.05
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``meshwatch edge``."""
+    parser.add_argument("--config", type=Path, required=True, help="TOML configuration file")
+    sim = parser.add_argument_group("simulated input")
+    sim.add_argument("--simulate", action="store_true",
+                     help="feed this gateway's devices from the in-process fleet simulator")
+    sim.add_argument("--meters", type=int, default=2000, help="fleet size (default 2000)")
+    sim.add_argument("--districts", type=int, default=None, help="districts (default: derived)")
+    sim.add_argument("--days", type=float, default=1.0, help="simulated days (default 1)")
+    sim.add_argument("--seed", type=int, default=0, help="simulator seed")
+    sim.add_argument("--speed", type=float, default=None,
+                     help="simulated seconds per wall second (default: as fast as possible)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the agent; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    err = Console(stderr=True)
+    try:
+        config = load_config(args.config)
+        settings = agent_settings(config)
+        blocks = _simulated_blocks(args, settings) if args.simulate else None
+    except (ConfigError, ValueError) as exc:
+        err.print(f"[red]cannot start the edge agent:[/red] {exc}", highlight=False)
+        return 2
+    try:
+        scorer = _scorer(config, settings)
+    except ModelPackageError as exc:
+        err.print(f"[red]cannot load the edge model:[/red] {exc}", highlight=False)
+        return 2
+    stop = threading.Event()
+    try:
+        agent = EdgeAgent(settings, devices=_devices(config), scorer=scorer)
+    except OutboxError as exc:
+        err.print(f"[red]cannot open the outbox:[/red] {exc}", highlight=False)
+        return 2
+    _on_signals(stop, agent)
+    agent.start()
+    if config.edge.metrics_port:
+        serve_metrics([agent], config.edge.metrics_port)
+    readings: queue.SimpleQueue[OpcUaReading] = queue.SimpleQueue()
+    inputs = [OpcUaInput(server, readings.put) for server in config.opcua]
+    for source in inputs:
+        source.start()
+    started = time.monotonic()
+    try:
+        _pump(agent, blocks, readings, stop)
+    finally:
+        for source in inputs:
+            source.stop()
+        _drain(agent, readings)
+        agent.stop_waiting()
+        drained = agent.close(config.edge.shutdown_timeout_s)
+    _print_summary(agent.final_stats, time.monotonic() - started, drained)
+    return 0
+
+
+def agent_settings(config: Config) -> AgentSettings:
+    """The agent's settings from the ``[edge]`` and ``[site_broker]`` sections."""
+    edge, broker = config.edge, config.site_broker
+    if edge.site is None or edge.gateway_id is None:
+        msg = "set edge.site and edge.gateway_id: one agent process serves one gateway"
+        raise ValueError(msg)
+    if broker.url.startswith("embedded:"):
+        msg = "the edge agent needs a real site broker: set site_broker.url to mqtt://host:port"
+        raise ValueError(msg)
+    return AgentSettings(
+        site=edge.site, gateway_id=edge.gateway_id, broker_url=broker.url,
+        username=broker.username,
+        password=broker.password.get_secret_value() if broker.password else None,
+        outbox_path=edge.outbox_path, outbox_max_bytes=int(edge.outbox_max_mb * 1024 * 1024),
+        outbox_full_policy=edge.outbox_full_policy, outbox_synchronous=edge.outbox_synchronous,
+        max_batch_readings=edge.batch_max_readings, max_batch_delay_s=edge.batch_max_delay_s,
+        max_in_flight=edge.max_in_flight,
+        backlog_rate_per_s=edge.backlog_rate_per_s or None, heartbeat_s=edge.heartbeat_s,
+    )
+
+
+def _pump(agent: EdgeAgent, blocks: Iterator[Any] | None,
+          readings: queue.SimpleQueue[OpcUaReading], stop: threading.Event) -> None:
+    """Move input into the agent until stopped, or until the simulated run is over."""
+    while not stop.is_set():
+        busy = _drain(agent, readings) > 0
+        if blocks is not None:
+            block = next(blocks, None)
+            if block is None:
+                return
+            agent.submit_block(block)
+            busy = True
+        agent.tick()
+        if not busy:
+            stop.wait(IDLE_WAIT_S)
+
+
+def _drain(agent: EdgeAgent, readings: queue.SimpleQueue[OpcUaReading]) -> int:
+    """Hand queued OPC-UA readings to the agent; a reading the contract refuses is logged."""
+    count = 0
+    while True:
+        try:
+            reading = readings.get_nowait()
+        except queue.Empty:
+            return count
+        try:
+            agent.submit_reading(reading.device_id, reading.ts_ms,
+                                 {reading.metric: reading.value})
+        except ValidationError as exc:
+            log.warning("dropped OPC-UA reading of node %s: %s", reading.node_id, exc)
+        count += 1
+
+
+def _scorer(config: Config, settings: AgentSettings) -> EdgeScorer | None:
+    if config.edge.model_dir is None:
+        return None
+    return EdgeScorer(load_package(config.edge.model_dir), site=settings.site,
+                      gateway_id=settings.gateway_id, threshold=config.edge.alert_threshold)
+
+
+def _devices(config: Config) -> list[str]:
+    """Devices announced in birth messages: those of the OPC-UA mappings."""
+    return sorted({node.device_id for server in config.opcua for node in server.nodes})
+
+
+def _simulated_blocks(args: argparse.Namespace, settings: AgentSettings) -> Iterator[Any]:
+    from simulators import FleetConfig, FleetSimulator, SimConfig
+
+    config = SimConfig(fleet=FleetConfig(meters=args.meters, districts=args.districts),
+                       days=args.days, seed=args.seed, speed=args.speed)
+    config.validate()
+    simulator = FleetSimulator(config)
+    if settings.gateway_id not in set(simulator.fleet.gateway_ids.tolist()):
+        msg = (f"the simulated fleet has no gateway {settings.gateway_id}; its gateways are"
+               f" {', '.join(simulator.fleet.gateway_ids.tolist()[:6])}, ...")
+        raise ValueError(msg)
+    return (block for block in simulator if block.gateway_id == settings.gateway_id)
+
+
+def _on_signals(stop: threading.Event, agent: EdgeAgent) -> None:
+    def handle(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+        agent.stop_waiting()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def _print_summary(stats: dict[str, int | float], elapsed: float, drained: bool) -> None:
+    table = Table("what", "value", title="edge agent")
+    for key in ("readings_in", "messages_out", "acked", "resent", "reconnects",
+                "queue_depth", "readings_dropped"):
+        table.add_row(key, f"{stats.get(key, 0):,}")
+    table.add_row("elapsed", f"{elapsed:.1f} s")
+    table.add_row("outbox", "empty" if drained else "kept for the next start")
+    table.add_row("stopped at", datetime.now(UTC).isoformat(timespec="seconds"))
+    Console().print(table)
+    sys.stdout.flush()
