@@ -51,6 +51,8 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "connected": ("connected", False, "1 while the broker connection is up"),
     "in_flight": ("in_flight", False, "Messages sent and not yet acknowledged"),
     "queue_depth": ("queue_depth", False, "Messages in the durable outbox"),
+    "urgent_queue_depth": ("urgent_queue_depth", False, "Urgent messages (alerts) queued"),
+    "urgent_published": ("urgent_published", True, "Urgent messages (alerts) handed to the broker"),
     "queue_bytes": ("queue_bytes", False, "Bytes used by the durable outbox"),
     "oldest_age_s": ("oldest_queued_age_seconds", False, "Age of the oldest queued message"),
     "readings_pending": ("readings_pending", False, "Single readings waiting for a batch"),

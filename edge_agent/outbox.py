@@ -5,6 +5,22 @@ acknowledged it, so nothing is lost when the process dies, the broker is away or
 network drops. Delivery is at-least-once: an acked message whose delete did not reach the
 disk is sent again, and consumers de-duplicate by ``(device, seq)``.
 
+Two lanes: a message is *ordinary* (telemetry, scores) or *urgent*
+(``OutgoingMessage(urgent=True)``; edge alerts). :meth:`Outbox.peek` returns the urgent lane
+before the ordinary one, and each lane in insertion order; ids grow across both lanes, so a
+cursor (``after_id``) pages within one lane. What holds:
+
+- Within each lane, messages come out in exactly the order they were appended, so every
+  key's (device's) order within a lane is kept. Telemetry is always ordinary, so per-device
+  order of readings is that of the appends.
+- Across lanes there is no order: an urgent message appended after an ordinary one may be
+  sent before it (that is the point). Never split one key's ordered stream across lanes.
+- The flag is stored with the message (column ``urgent``), so it survives restarts; dead
+  letters keep it too. Schema version 2 added it; a version-1 file is upgraded in place when
+  opened (``ALTER TABLE ... ADD COLUMN``, its messages stay ordinary).
+- ``drop_oldest`` (below) drops the oldest *ordinary* messages first and urgent ones only when
+  no ordinary message is left: urgent messages are rare, small and worth the most.
+
 Durability (``synchronous=``, SQLite in WAL mode):
 
 - ``"FULL"`` (default): every append commits with an fsync of the WAL. A message whose
@@ -65,6 +81,9 @@ the same outbox and send its messages twice; the OS drops the lock when the owne
 1
 >>> box.depth, [m.payload for m in box.peek(10)]
 (1, [b'{"n": 2}'])
+>>> alert = box.append("mw/v1/site/s1/gw/g1/alerts", b'{"a": 1}', urgent=True)
+>>> [m.payload for m in box.peek(10)], box.urgent_depth  # the urgent lane comes first
+([b'{"a": 1}', b'{"n": 2}'], 1)
 >>> box.close()
 """
 
@@ -100,7 +119,8 @@ FullPolicy = Literal["refuse", "drop_oldest"]
 ROW_OVERHEAD = 64
 """Bytes counted per message on top of payload, topic and key (ids, flags, SQLite records)."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""Version 2 added the ``urgent`` column; a version-1 file is upgraded in place on open."""
 _DROP_WARNING_EVERY_S = 10.0
 
 _SCHEMA = """
@@ -113,7 +133,8 @@ CREATE TABLE IF NOT EXISTS messages (
     key TEXT,
     readings INTEGER NOT NULL,
     created_s REAL NOT NULL,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    urgent INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
@@ -126,12 +147,21 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     created_s REAL NOT NULL,
     size INTEGER NOT NULL,
     reason TEXT NOT NULL,
-    set_aside_s REAL NOT NULL
+    set_aside_s REAL NOT NULL,
+    urgent INTEGER NOT NULL DEFAULT 0
 );
+-- The urgent lane is found without scanning the (possibly huge) ordinary backlog.
+CREATE INDEX IF NOT EXISTS messages_urgent ON messages (id) WHERE urgent = 1;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sequences (device TEXT PRIMARY KEY, next INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('dropped_messages', 0), ('dropped_readings', 0);
 """
+
+_UPGRADE_FROM_1 = """
+ALTER TABLE messages ADD COLUMN urgent INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dead_letters ADD COLUMN urgent INTEGER NOT NULL DEFAULT 0;
+"""
+_COLUMNS = "topic, payload, qos, retain, key, readings, created_s, size, urgent"
 
 
 class OutboxError(RuntimeError):
@@ -146,9 +176,10 @@ class OutboxFull(OutboxError):
 class OutgoingMessage:
     """A message to append: MQTT fields plus metadata.
 
-    ``key`` is the ordering key (usually the device id; the outbox keeps global insertion
-    order, which keeps every key's order too) and ``readings`` how many readings the message
-    carries, so dropped readings can be counted.
+    ``key`` is the ordering key (usually the device id; each lane keeps its insertion order,
+    which keeps every key's order within the lane too), ``readings`` how many readings the
+    message carries, so dropped readings can be counted, and ``urgent`` puts the message in the
+    urgent lane, which is sent before the ordinary one (see the module doc).
     """
 
     topic: str
@@ -157,6 +188,7 @@ class OutgoingMessage:
     retain: bool = False
     key: str | None = None
     readings: int = 0
+    urgent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +203,11 @@ class QueuedMessage:
     key: str | None
     readings: int
     created_s: float
+    urgent: bool = False
 
 
 class Outbox:
-    """A durable FIFO of outgoing MQTT messages in one SQLite file.
+    """A durable two-lane queue (urgent, ordinary) of outgoing MQTT messages in one SQLite file.
 
     Args:
         path: the database file; created with its directory if missing.
@@ -215,8 +248,8 @@ class Outbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._open()
         try:
-            depth, queued = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages"
+            depth, queued, urgent = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(urgent), 0) FROM messages"
             ).fetchone()
             dead, dead_bytes = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM dead_letters"
@@ -228,6 +261,7 @@ class Outbox:
             raise
         self._conn: sqlite3.Connection | None = conn
         self._depth = int(depth)
+        self._urgent_depth = int(urgent)
         self._bytes = int(queued) + int(dead_bytes)
         self._dead_letters = int(dead)
         self._dropped_messages: int = counters["dropped_messages"]
@@ -245,15 +279,17 @@ class Outbox:
         retain: bool = False,
         key: str | None = None,
         readings: int = 0,
+        urgent: bool = False,
     ) -> int:
-        """Store one message durably and return its id.
+        """Store one message durably and return its id (``urgent``: in the urgent lane).
 
         Raises:
             OutboxFull: no room under the ``"refuse"`` policy (or the disk is full).
             ValueError: bad field, or the message alone is larger than ``max_bytes``.
 
         """
-        return self.append_many([OutgoingMessage(topic, payload, qos, retain, key, readings)])[0]
+        message = OutgoingMessage(topic, payload, qos, retain, key, readings, urgent)
+        return self.append_many([message])[0]
 
     def append_many(
         self, messages: Sequence[OutgoingMessage], next_seq: Mapping[str, int] | None = None
@@ -279,7 +315,7 @@ class Outbox:
             raise ValueError(msg)
         now = time.time()
         rows = [
-            (m.topic, m.payload, m.qos, int(m.retain), m.key, m.readings, now, size)
+            (m.topic, m.payload, m.qos, int(m.retain), m.key, m.readings, now, size, int(m.urgent))
             for m, size in zip(messages, sizes, strict=True)
         ]
         with self._lock:
@@ -296,12 +332,11 @@ class Outbox:
             try:
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    dropped = self._drop_oldest(db, overflow) if overflow > 0 else (0, 0, 0)
+                    dropped = self._drop_oldest(db, overflow) if overflow > 0 else (0, 0, 0, 0)
                     ids = [
                         db.execute(
-                            "INSERT INTO messages"
-                            " (topic, payload, qos, retain, key, readings, created_s, size)"
-                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                            f"INSERT INTO messages ({_COLUMNS})"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                             row,
                         ).fetchone()[0]
                         for row in rows
@@ -328,6 +363,7 @@ class Outbox:
             if next_seq:
                 self._next_seq.update(next_seq)
             self._depth += len(ids)
+            self._urgent_depth += sum(row[-1] for row in rows)
             self._bytes += incoming
             return ids
 
@@ -366,13 +402,14 @@ class Outbox:
                 try:
                     if reason is not None:
                         db.execute(
-                            "INSERT INTO dead_letters SELECT *, ?, ? FROM messages"
+                            f"INSERT INTO dead_letters (id, {_COLUMNS}, reason, set_aside_s)"
+                            f" SELECT id, {_COLUMNS}, ?, ? FROM messages"
                             " WHERE id IN (SELECT value FROM json_each(?))",
                             (reason, time.time(), wanted),
                         )
                     sizes = db.execute(
                         "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))"
-                        " RETURNING size",
+                        " RETURNING size, urgent",
                         (wanted,),
                     ).fetchall()
                     db.execute("COMMIT")
@@ -383,38 +420,58 @@ class Outbox:
                 if self.synchronous != "NORMAL":
                     db.execute(f"PRAGMA synchronous={self.synchronous}")
             self._depth -= len(sizes)
+            self._urgent_depth -= sum(urgent for _, urgent in sizes)
             if reason is None:
-                self._bytes -= sum(size for (size,) in sizes)
+                self._bytes -= sum(size for size, _ in sizes)
             else:
                 self._dead_letters += len(sizes)
             return len(sizes)
 
     # -- reading -------------------------------------------------------------------------------
 
-    def peek(self, limit: int, after_id: int | None = None) -> list[QueuedMessage]:
-        """Up to ``limit`` stored messages in insertion order, starting after ``after_id``."""
+    def peek(
+        self, limit: int, after_id: int | None = None, *, urgent: bool | None = None
+    ) -> list[QueuedMessage]:
+        """Up to ``limit`` stored messages with ids above ``after_id``, in sending order.
+
+        ``urgent=True`` or ``False`` reads that lane only, in insertion order; ``after_id`` is
+        then a cursor within the lane. ``None`` (default) reads the urgent lane first, then the
+        ordinary one, each in insertion order. Ids grow across both lanes, so to page through
+        both, keep one cursor per lane (as the publisher does).
+        """
         if limit < 0:
             msg = f"limit must be >= 0, got {limit}"
             raise ValueError(msg)
+        after = -1 if after_id is None else after_id
+        lanes = (True, False) if urgent is None else (bool(urgent),)
+        rows: list[tuple] = []
         with self._lock:
-            rows = (
-                self._db()
-                .execute(
-                    "SELECT id, topic, payload, qos, retain, key, readings, created_s FROM messages"
-                    " WHERE id > ? ORDER BY id LIMIT ?",
-                    (-1 if after_id is None else after_id, limit),
-                )
-                .fetchall()
-            )
+            db = self._db()
+            for lane in lanes:
+                if len(rows) >= limit:
+                    break
+                if lane and not self._urgent_depth:
+                    continue  # nothing urgent is stored: skip the query
+                # The lane is a literal, so the urgent query always plans on the partial index.
+                rows += db.execute(
+                    "SELECT id, topic, payload, qos, retain, key, readings, created_s, urgent"
+                    f" FROM messages WHERE urgent = {int(lane)} AND id > ? ORDER BY id LIMIT ?",
+                    (after, limit - len(rows)),
+                ).fetchall()
         return [
-            QueuedMessage(i, topic, bytes(payload), qos, bool(retain), key, readings, created)
-            for i, topic, payload, qos, retain, key, readings, created in rows
+            QueuedMessage(i, topic, bytes(payload), qos, bool(retain), key, n, created, bool(u))
+            for i, topic, payload, qos, retain, key, n, created, u in rows
         ]
 
     @property
     def depth(self) -> int:
         """How many messages are stored (not yet acked)."""
         return self._depth
+
+    @property
+    def urgent_depth(self) -> int:
+        """How many of the stored messages are in the urgent lane."""
+        return self._urgent_depth
 
     @property
     def bytes_used(self) -> int:
@@ -495,16 +552,17 @@ class Outbox:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA journal_size_limit=4194304")  # truncate the WAL to 4 MiB
             (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 msg = (
                     f"outbox {self.path} has schema version {version}; this build reads version"
-                    f" {SCHEMA_VERSION}. Drain it with the agent version that wrote it, or move"
-                    f" it aside."
+                    f" {SCHEMA_VERSION} (and upgrades version 1). Drain it with the agent version"
+                    f" that wrote it, or move it aside."
                 )
                 raise OutboxError(msg)
             # A write transaction takes the exclusive lock, which the connection then keeps.
+            upgrade = _UPGRADE_FROM_1 if version == 1 else ""
             conn.executescript(
-                f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+                f"BEGIN IMMEDIATE;{upgrade}{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
             )
         except sqlite3.OperationalError as exc:
             conn.close()
@@ -544,24 +602,33 @@ class Outbox:
             raise ValueError(msg)
         return self.size_of(message)
 
-    def _drop_oldest(self, db: sqlite3.Connection, overflow: int) -> tuple[int, int, int]:
+    def _drop_oldest(self, db: sqlite3.Connection, overflow: int) -> tuple[int, int, int, int]:
         """Delete the oldest messages until ``overflow`` bytes are freed (inside a transaction).
 
-        Returns (messages, readings, bytes) dropped.
+        Ordinary messages go first; urgent ones only once no ordinary message is left.
+        Returns (messages, readings, bytes, urgent messages) dropped.
         """
-        freed = readings = count = 0
-        last_id = None
-        oldest = db.execute("SELECT id, size, readings FROM messages ORDER BY id")
-        try:
-            for row_id, size, row_readings in oldest:
-                last_id = row_id
-                freed += size
-                readings += row_readings
-                count += 1
-                if freed >= overflow:
-                    break
-        finally:
-            oldest.close()
+        freed = readings = count = urgent = 0
+        for lane in (0, 1):
+            if freed >= overflow:
+                break
+            last_id = None
+            oldest = db.execute(
+                f"SELECT id, size, readings FROM messages WHERE urgent = {lane} ORDER BY id"
+            )
+            try:
+                for row_id, size, row_readings in oldest:
+                    last_id = row_id
+                    freed += size
+                    readings += row_readings
+                    count += 1
+                    urgent += lane
+                    if freed >= overflow:
+                        break
+            finally:
+                oldest.close()
+            if last_id is not None:
+                db.execute("DELETE FROM messages WHERE urgent = ? AND id <= ?", (lane, last_id))
         if freed < overflow:
             msg = (
                 f"outbox {self.path} is full of dead letters ({self._dead_letters} messages the"
@@ -569,18 +636,18 @@ class Outbox:
                 f" raise max_bytes"
             )
             raise OutboxFull(msg)
-        if last_id is not None:
-            db.execute("DELETE FROM messages WHERE id <= ?", (last_id,))
+        if count:
             db.executemany(
                 "UPDATE counters SET value = value + ? WHERE name = ?",
                 [(count, "dropped_messages"), (readings, "dropped_readings")],
             )
-        return count, readings, freed
+        return count, readings, freed, urgent
 
-    def _count_drops(self, messages: int, readings: int, freed: int) -> None:
+    def _count_drops(self, messages: int, readings: int, freed: int, urgent: int) -> None:
         if not messages:
             return
         self._depth -= messages
+        self._urgent_depth -= urgent
         self._bytes -= freed
         self._dropped_messages += messages
         self._dropped_readings += readings

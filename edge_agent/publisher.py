@@ -1,17 +1,29 @@
-"""Drain the durable outbox to an MQTT broker: QoS1, in order, acked row by row.
+"""Drain the durable outbox to an MQTT broker: QoS1, urgent first, in order, acked row by row.
 
 :class:`OutboxPublisher` runs one thread that owns a paho-mqtt client (MQTT v5). It sends
-outbox messages in insertion order with at most ``max_in_flight`` unacknowledged, and deletes
-an outbox row only when the broker's PUBACK reports success (reason code < 128).
+outbox messages with at most ``max_in_flight`` unacknowledged, and deletes an outbox row only
+when the broker's PUBACK reports success (reason code < 128).
 
-Delivery: at-least-once, in order per device.
+Delivery: at-least-once, in order per device within each lane.
 
-- On a disconnect, everything in flight goes back to pending and, after the reconnect, is sent
-  again from the oldest unacknowledged message. So per-device order holds for first arrivals,
-  and messages the broker had already received arrive twice: downstream de-duplicates by
-  ``(device, seq)``. Message ids are per connection and reused, so PUBACKs are matched only
-  against the connection that sent the message (each connection gets a fresh paho client;
-  paho's in-memory session state is never relied on, the outbox is the only source of truth).
+- Two lanes (see :mod:`edge_agent.outbox`). Whenever the window has room, queued *urgent*
+  messages (edge alerts) are sent first; an ordinary message is sent only when no urgent one
+  is waiting to be sent on this connection. So an alert appended behind a backlog of
+  thousands of telemetry messages goes out on the next round (within ``poll_s``, or once one
+  in-flight slot is acknowledged if the window is full), not after the backlog.
+- Each lane is sent in its insertion order, from its own cursor. Ordinary messages (all
+  telemetry) keep exactly the order of their appends, as before; urgent messages keep theirs
+  (an alert's ``cleared`` never overtakes its ``open``). There is no order *between* lanes: an
+  alert may arrive before telemetry or scores that were appended earlier.
+- Urgent messages are otherwise treated like the rest: QoS1, deleted only on a successful
+  PUBACK, sent again after a reconnect (the urgent lane first again).
+- On a disconnect, everything in flight goes back to pending and, after the reconnect, each
+  lane is sent again from its oldest unacknowledged message. So per-device order holds for
+  first arrivals, and messages the broker had already received arrive twice: downstream
+  de-duplicates by ``(device, seq)`` (alerts by id and status). Message ids are per
+  connection and reused, so PUBACKs are matched only against the connection that sent the
+  message (each connection gets a fresh paho client; paho's in-memory session state is never
+  relied on, the outbox is the only source of truth).
 - A PUBACK with a failure reason code (>= 128) is counted in ``rejected`` and logged. If the
   code says the message itself is refused for good (:data:`PERMANENT_REJECTIONS`: not
   authorized, topic name or payload format invalid, packet too large), the message is set
@@ -22,9 +34,16 @@ Delivery: at-least-once, in order per device.
 - Reconnects wait :class:`meshwatch.backoff.Backoff` delays. The back-off is reset only once a
   connection has stayed up for ``stable_after_s``, so a broker that accepts and then drops us
   at once is not hammered.
-- Sending is paced by a token bucket (``rate_limit_per_s``, bursts of ``max_in_flight``), so a
-  backlog after an outage or restart drains at that rate instead of flooding the broker; live
-  traffic below the rate is not delayed.
+- Ordinary sending is paced by a token bucket (``rate_limit_per_s``, bursts of
+  ``max_in_flight``), so a backlog after an outage or restart drains at that rate instead of
+  flooding the broker; live traffic below the rate is not delayed. Tokens are spent only on
+  messages actually sent (unused ones are given back), so an idle publisher keeps its burst.
+- Urgent messages do not take tokens from that bucket, so a backlog never holds them back.
+  They have their own bucket (``urgent_rate_limit_per_s``, default 50/s, bursts of
+  ``max_in_flight``): alerts are rare (one per device per episode, plus its clearing), and the
+  cap only keeps a bug or a fleet-wide event that marks many messages urgent from bypassing
+  the broker's protection. While urgent messages wait for that cap, ordinary ones wait too
+  (urgent first, always); the total rate is at most the sum of the two limits.
 
 Status: on the gateway's retained status topic
 (:func:`meshwatch.contract.topics.site_status`), at QoS1, all :class:`DeviceStatus` events:
@@ -152,6 +171,10 @@ class TokenBucket:
         self._tokens -= granted
         return granted
 
+    def give_back(self, unused: int) -> None:
+        """Return tokens taken but not used (never more than a burst's worth is kept)."""
+        self._tokens = min(float(self.burst), self._tokens + unused)
+
 
 class OutboxPublisher:
     """Publish an :class:`~edge_agent.outbox.Outbox` to a broker; see the module doc.
@@ -165,8 +188,11 @@ class OutboxPublisher:
         client_id: MQTT client id; keep it stable per gateway.
         max_in_flight: unacknowledged messages at most (capped by the broker's Receive
             Maximum).
-        rate_limit_per_s: messages per second at most (token bucket, bursts of
+        rate_limit_per_s: ordinary messages per second at most (token bucket, bursts of
             ``max_in_flight``); None for no limit.
+        urgent_rate_limit_per_s: urgent messages per second at most, on top of
+            ``rate_limit_per_s`` (a separate bucket, bursts of ``max_in_flight``); None for
+            no limit.
         heartbeat_s: seconds between heartbeats.
         keepalive_s: MQTT keep-alive; a dead connection is noticed within ~1.5x this.
         connect_timeout_s: how long to wait for the TCP connect and the CONNACK.
@@ -191,6 +217,7 @@ class OutboxPublisher:
         client_id: str | None = None,
         max_in_flight: int = 32,
         rate_limit_per_s: float | None = 500.0,
+        urgent_rate_limit_per_s: float | None = 50.0,
         heartbeat_s: float = 30.0,
         keepalive_s: int = 30,
         connect_timeout_s: float = 10.0,
@@ -204,6 +231,13 @@ class OutboxPublisher:
         if max_in_flight < 1:
             msg = f"max_in_flight must be at least 1, got {max_in_flight}"
             raise ValueError(msg)
+        for name, rate in (
+            ("rate_limit_per_s", rate_limit_per_s),
+            ("urgent_rate_limit_per_s", urgent_rate_limit_per_s),
+        ):
+            if rate is not None and not rate > 0:
+                msg = f"{name} must be > 0 per second, got {rate!r}; use None for no limit"
+                raise ValueError(msg)
         if not heartbeat_s > 0 or not poll_s > 0 or not connect_timeout_s > 0:
             msg = (
                 f"heartbeat_s, poll_s and connect_timeout_s must be > 0, got {heartbeat_s!r},"
@@ -218,6 +252,7 @@ class OutboxPublisher:
         self.client_id = client_id or f"mw-edge-{site}-{gateway_id}"
         self.max_in_flight = max_in_flight
         self.rate_limit_per_s = rate_limit_per_s
+        self.urgent_rate_limit_per_s = urgent_rate_limit_per_s
         self.heartbeat_s = heartbeat_s
         self.keepalive_s = keepalive_s
         self.connect_timeout_s = connect_timeout_s
@@ -235,6 +270,7 @@ class OutboxPublisher:
         )
         # Counters (read from any thread; written by the publisher thread only).
         self.published = 0  # outbox messages handed to the broker, resends included
+        self.urgent_published = 0  # of ``published``, urgent-lane messages
         self.acked = 0  # outbox messages the broker acknowledged
         self.resent = 0  # of ``published``, messages sent before on an earlier connection
         self.rejected = 0  # PUBACKs with a failure reason code
@@ -248,8 +284,11 @@ class OutboxPublisher:
         self._to_ack: list[int] = []  # outbox ids acked by the broker, not yet deleted
         self._to_set_aside: dict[int, str] = {}  # outbox id -> why the broker refused it
         self._connected_at = 0.0
-        self._cursor: int | None = None  # last outbox id sent on this connection
-        self._sent_high = 0  # highest outbox id ever sent (to count resends)
+        self._cursor: int | None = None  # last ordinary outbox id sent on this connection
+        self._urgent_cursor: int | None = None  # last urgent outbox id sent on this connection
+        self._sent_high = 0  # highest ordinary outbox id ever sent (to count resends)
+        self._urgent_sent_high = 0  # highest urgent outbox id ever sent
+        self._urgent_bucket: TokenBucket | None = None
         self._window = max_in_flight
         self._connack: ReasonCode | None = None
         self._lost = False
@@ -291,11 +330,14 @@ class OutboxPublisher:
     def stats(self) -> dict[str, int | float]:
         """Counters and gauges, for heartbeats and metrics.
 
-        Keys: published, acked, resent, rejected, dead_lettered, reconnects, connect_failures,
-        connected, in_flight, queue_depth, queue_bytes, oldest_age_s, dropped_readings.
+        Keys: published, urgent_published (of published, urgent-lane sends, resends included),
+        acked, resent, rejected, dead_lettered, reconnects, connect_failures, connected,
+        in_flight, queue_depth, urgent_queue_depth (of queue_depth, urgent messages),
+        queue_bytes, oldest_age_s, dropped_readings.
         """
         return {
             "published": self.published,
+            "urgent_published": self.urgent_published,
             "acked": self.acked,
             "resent": self.resent,
             "rejected": self.rejected,
@@ -305,6 +347,7 @@ class OutboxPublisher:
             "connected": int(self.connected),
             "in_flight": self.in_flight,
             "queue_depth": self.outbox.depth,
+            "urgent_queue_depth": self.outbox.urgent_depth,
             "queue_bytes": self.outbox.bytes_used,
             "oldest_age_s": self.outbox.oldest_age_s(),
             "dropped_readings": self.outbox.dropped_readings,
@@ -434,11 +477,13 @@ class OutboxPublisher:
         self.reconnects += int(self._ever_connected)
         self._ever_connected = True
         self._client = client
-        self._cursor = None
+        self._cursor = self._urgent_cursor = None
         self._in_flight.clear()
         now = time.monotonic()
         if self.rate_limit_per_s is not None:
             self._bucket = TokenBucket(self.rate_limit_per_s, self._window, now=now)
+        if self.urgent_rate_limit_per_s is not None:
+            self._urgent_bucket = TokenBucket(self.urgent_rate_limit_per_s, self._window, now=now)
         log.info(
             "connected to %s:%d as %s; %d messages queued",
             self._address.host,
@@ -478,7 +523,7 @@ class OutboxPublisher:
         )
         self._commit_acks()
         self._in_flight.clear()
-        self._cursor = None
+        self._cursor = self._urgent_cursor = None
         self._client = None
         self._death_mid = None
         if time.monotonic() - self._connected_at < self.stable_after_s:
@@ -492,24 +537,54 @@ class OutboxPublisher:
             self._stop.wait(delay)  # close() wakes us to start flushing
 
     def _fill_window(self, client: mqtt.Client) -> None:
+        """Send what the window and the buckets allow: urgent messages first, then ordinary."""
         room = self._window - len(self._in_flight)
-        if room > 0 and self._bucket is not None:
-            room = self._bucket.take(room, now=time.monotonic())
-        if room <= 0:
-            return
-        for message in self.outbox.peek(room, after_id=self._cursor):
+        if room > 0 and self.outbox.urgent_depth:  # an in-memory count: no query when none
+            room, waiting = self._send_lane(client, room, urgent=True)
+            if waiting:
+                return  # urgent messages still unsent (capped): ordinary ones wait behind them
+        if room > 0:
+            self._send_lane(client, room, urgent=False)
+
+    def _send_lane(self, client: mqtt.Client, room: int, *, urgent: bool) -> tuple[int, bool]:
+        """Send up to ``room`` messages of one lane, paced by its bucket, from its cursor.
+
+        Returns the room left and, for the urgent lane, whether messages are still waiting
+        to be sent (always False for the ordinary lane, which is not asked).
+        """
+        bucket = self._urgent_bucket if urgent else self._bucket
+        granted = room if bucket is None else bucket.take(room, now=time.monotonic())
+        probe = int(urgent)  # one more than granted tells whether more urgent ones wait
+        if granted + probe == 0:
+            return room, False
+        batch = self.outbox.peek(
+            granted + probe,
+            after_id=self._urgent_cursor if urgent else self._cursor,
+            urgent=urgent,
+        )
+        sent = 0
+        for message in batch[:granted]:
             info = client.publish(
                 message.topic, message.payload, qos=message.qos, retain=message.retain
             )
             if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection broke under us
                 self._lost = True
-                return
+                break
+            sent += 1
             self._in_flight[info.mid] = message.id
-            self._cursor = message.id
             self.published += 1
-            if message.id <= self._sent_high:
-                self.resent += 1
-            self._sent_high = max(self._sent_high, message.id)
+            if urgent:
+                self._urgent_cursor = message.id
+                self.urgent_published += 1
+                self.resent += message.id <= self._urgent_sent_high
+                self._urgent_sent_high = max(self._urgent_sent_high, message.id)
+            else:
+                self._cursor = message.id
+                self.resent += message.id <= self._sent_high
+                self._sent_high = max(self._sent_high, message.id)
+        if bucket is not None and granted > sent:
+            bucket.give_back(granted - sent)  # tokens are spent on messages, not on polls
+        return room - sent, self._lost or len(batch) > sent
 
     def _commit_acks(self) -> None:
         if self._to_ack:

@@ -2,15 +2,18 @@
 
 :class:`EdgeScorer` feeds readings into :class:`models.edge.features.FeatureWindows`; the
 windows that close together are scored in one call of the current
-:class:`models.edge.package.EdgeModel`. Each closed window gives an :class:`EdgeScore` on the
-gateway's scores topic, carrying the model id and version.
+:class:`models.edge.package.EdgeModel`. Their scores leave as one :class:`EdgeScore` message
+(a batch of window scores, like telemetry) on the gateway's scores topic, carrying the model id
+and version.
 
 Edge alerts: a device whose score reaches ``threshold`` gets one :class:`Alert` on the
-gateway's alerts topic, at once, without waiting for the cloud. The alert id is derived from
-the device, the kind and the start of the first flagged window, so a replay gives the same
-id; while the device stays flagged no new alert is raised, and the first window back below
-the threshold sends the same alert id with status ``cleared`` (hysteresis: one alert per
-episode, not one per window). The kind comes from the most likely non-normal class
+gateway's alerts topic, at once, without waiting for the cloud. Alert messages are *urgent*
+outbox messages, so the publisher sends them ahead of any telemetry backlog (EdgeScores stay
+ordinary); see :mod:`edge_agent.publisher` for the order guarantees of each lane. The alert id
+is derived from the device, the kind and the start of the first flagged window, so a replay
+gives the same id; while the device stays flagged no new alert is raised, and the first window
+back below the threshold sends the same alert id with status ``cleared`` (hysteresis: one alert
+per episode, not one per window). The kind comes from the most likely non-normal class
 (``leak_like`` → ``leak``, ``fault_like`` → ``sensor_fault``).
 
 :meth:`EdgeScorer.swap` replaces the model between two calls (the agent calls it between
@@ -26,11 +29,21 @@ from collections.abc import Mapping
 import numpy as np
 
 from edge_agent.outbox import OutgoingMessage
-from meshwatch.contract import Alert, AlertStatus, EdgeScore, Severity, encode, topics
+from meshwatch.contract import (
+    Alert,
+    AlertStatus,
+    EdgeScore,
+    Severity,
+    WindowScore,
+    encode,
+    topics,
+)
 from models.edge.features import FEATURE_NAMES, ClosedWindows, FeatureWindows, pressure_of
 from models.edge.package import NORMAL_CLASS, EdgeModel
 
 KIND_OF_CLASS = {"leak_like": "leak", "fault_like": "sensor_fault"}
+MAX_WINDOWS_PER_MESSAGE = 10_000
+SCORE_DECIMALS = 4
 LATENCY_BUCKETS_S = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, float("inf"))
 """Upper bounds of the inference-latency histogram (seconds per batched call)."""
 
@@ -90,23 +103,34 @@ class EdgeScorer:
         probabilities = model.probabilities(closed.features)
         self._observe(time.perf_counter() - started)
         classes = list(model.manifest.classes)
-        normal = classes.index(NORMAL_CLASS)
-        scores = 1.0 - probabilities[:, normal]
+        scores = np.clip(1.0 - probabilities[:, classes.index(NORMAL_CLASS)], 0.0, 1.0)
         self.windows_scored += len(closed)
-        messages = []
-        for row in range(len(closed)):
-            device = str(closed.device_ids[row])
-            score = float(np.clip(scores[row], 0.0, 1.0))
-            event = EdgeScore(
-                device_id=device, window_start_ms=int(closed.start_ms[row]),
-                window_end_ms=int(closed.end_ms[row]), score=score, model_id=model.model_id,
-                model_version=model.version,
-                features=dict(zip(FEATURE_NAMES, closed.features[row].tolist(), strict=True)),
-            )
-            messages.append(OutgoingMessage(self.scores_topic, encode(event), key=device))
-            alert = self._alert(device, score, probabilities[row], classes, closed, row)
+        devices = closed.device_ids.tolist()
+        windows = [
+            WindowScore.model_construct(device_id=device, window_start_ms=start,
+                                        window_end_ms=end, score=round(score, SCORE_DECIMALS))
+            for device, start, end, score in zip(devices, closed.start_ms.tolist(),
+                                                 closed.end_ms.tolist(), scores.tolist(),
+                                                 strict=True)
+        ]
+        messages = [
+            OutgoingMessage(self.scores_topic, encode(EdgeScore(
+                site=self.site, gateway_id=self.gateway_id, model_id=model.model_id,
+                model_version=model.version, windows=windows[i:i + MAX_WINDOWS_PER_MESSAGE],
+            )), key=self.gateway_id)
+            for i in range(0, len(windows), MAX_WINDOWS_PER_MESSAGE)
+        ]
+        # Only flagged windows, and windows of flagged devices (they may clear), need Python.
+        candidates = np.flatnonzero(scores >= self.threshold).tolist()
+        if self._flagged:
+            candidates = sorted(set(candidates) | {row for row, device in enumerate(devices)
+                                                   if device in self._flagged})
+        for row in candidates:
+            alert = self._alert(devices[row], float(scores[row]), probabilities[row], classes,
+                                closed, row)
             if alert is not None:
-                messages.append(OutgoingMessage(self.alerts_topic, encode(alert), key=device))
+                messages.append(OutgoingMessage(self.alerts_topic, encode(alert),
+                                                key=devices[row], urgent=True))
         return messages
 
     def _alert(self, device: str, score: float, probabilities: np.ndarray, classes: list[str],
@@ -118,7 +142,8 @@ class EdgeScorer:
                 return None
             del self._flagged[device]
             self.alerts_cleared += 1
-            return self._make_alert(device, *flagged, end, score, AlertStatus.CLEARED)
+            return self._make_alert(device, *flagged, end, score, AlertStatus.CLEARED,
+                                    closed.features[row])
         if flagged is not None:
             return None
         ranked = sorted((p, c) for p, c in zip(probabilities.tolist(), classes, strict=True)
@@ -126,17 +151,20 @@ class EdgeScorer:
         kind = KIND_OF_CLASS.get(ranked[-1][1], "anomaly")
         self._flagged[device] = (kind, start)
         self.alerts_raised += 1
-        return self._make_alert(device, kind, start, end, score, AlertStatus.OPEN)
+        return self._make_alert(device, kind, start, end, score, AlertStatus.OPEN,
+                                closed.features[row])
 
     def _make_alert(self, device: str, kind: str, first_ms: int, last_ms: int, score: float,
-                    status: AlertStatus) -> Alert:
+                    status: AlertStatus, features: np.ndarray) -> Alert:
+        """The alert, with the window's features as evidence for the crew and the cloud."""
         severity = Severity.MAJOR if score >= 0.95 else Severity.MINOR
         return Alert(
             alert_id=f"edge-{device}-{kind}-{first_ms}", device_id=device, kind=kind,
             severity=severity, status=status, score=score, first_ts_ms=first_ms,
             last_ts_ms=last_ms, model_version=self.model.version,
             evidence={"source": "edge", "gateway_id": self.gateway_id,
-                      "model_id": self.model.model_id},
+                      "model_id": self.model.model_id,
+                      "window": dict(zip(FEATURE_NAMES, features.tolist(), strict=True))},
         )
 
     def _observe(self, seconds: float) -> None:

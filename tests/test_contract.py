@@ -18,6 +18,7 @@ from meshwatch.contract import (
     Reading,
     Reason,
     TelemetryBatch,
+    WindowScore,
     WorkOrderEvent,
     decode,
     decode_event,
@@ -205,8 +206,9 @@ def test_payload_size_limit_and_non_objects() -> None:
 def test_every_event_type_round_trips_through_decode_event() -> None:
     t = 1_767_225_600_000
     examples = [
-        EdgeScore(device_id="mtr-1", window_start_ms=t, window_end_ms=t + 900_000, score=0.9,
-                  model_id="edge-rf", model_version="3", features={"flow_mean_lpm": 1.2}),
+        EdgeScore(site="dma-01", gateway_id="gw-01", model_id="edge-rf", model_version="3",
+                  windows=[WindowScore(device_id="mtr-1", window_start_ms=t,
+                                       window_end_ms=t + 3_600_000, score=0.9)]),
         DeviceStatus(site="dma-01", gateway_id="gw-01", state="birth", sent_ms=t,
                      devices=["mtr-1", "mtr-2"]),
         Alert(alert_id="a1", district="dma-01", kind="burst", severity="critical", score=1.0,

@@ -57,8 +57,8 @@ def test_a_simulated_run_delivers_every_reading_and_its_scores(
     ledger.wait_for(expected)
     assert "readings_in" in out
     assert "empty" in out  # the outbox drained before exit
-    scores = [e for e in ledger.events if isinstance(e, EdgeScore)]
-    assert len({s.device_id for s in scores}) > 100
+    scored = {w.device_id for e in ledger.events if isinstance(e, EdgeScore) for w in e.windows}
+    assert len(scored) > 100
     ledger.close()
 
 

@@ -1,4 +1,4 @@
-"""Durable outbox: order, acks, accounting, both full policies, reopening, SIGKILL, a model."""
+"""Durable outbox: lanes, order, acks, accounting, full policies, reopening, SIGKILL, a model."""
 
 from __future__ import annotations
 
@@ -29,8 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 TOPIC = "mw/v1/site/s1/gw/g1/telemetry"
 
 
+ALERTS = "mw/v1/site/s1/gw/g1/alerts"
+
+
 def _msg(n: int, size: int = 10, readings: int = 1) -> OutgoingMessage:
     return OutgoingMessage(TOPIC, f"{n:0{size}d}".encode(), key=f"d{n % 3}", readings=readings)
+
+
+def _urgent(n: int) -> OutgoingMessage:
+    return OutgoingMessage(ALERTS, f"alert-{n}".encode(), key=f"d{n % 3}", urgent=True)
 
 
 @pytest.fixture
@@ -50,6 +57,88 @@ def test_peek_returns_insertion_order_and_pages_with_after_id(path: Path) -> Non
         assert [m.id for m in box.peek(10, after_id=ids[1])] == ids[2:]
         assert box.peek(10, after_id=ids[-1]) == []
         assert box.peek(0) == []
+
+
+def test_peek_returns_the_urgent_lane_first_and_each_lane_in_insertion_order(path: Path) -> None:
+    with Outbox(path, synchronous="NORMAL") as box:
+        o1, o2 = box.append_many([_msg(1), _msg(2)])
+        u1 = box.append(ALERTS, b"alert-1", urgent=True)
+        o3, u2, o4 = box.append_many([_msg(3), _urgent(2), _msg(4)])
+        assert (box.depth, box.urgent_depth) == (6, 2)
+        assert [m.id for m in box.peek(10)] == [u1, u2, o1, o2, o3, o4]
+        assert [m.urgent for m in box.peek(10)] == [True, True, False, False, False, False]
+        assert [m.id for m in box.peek(3)] == [u1, u2, o1]  # the limit spans both lanes
+        assert [m.id for m in box.peek(10, urgent=True)] == [u1, u2]
+        assert [m.id for m in box.peek(10, urgent=False)] == [o1, o2, o3, o4]
+        # A cursor pages within one lane (ids grow across both).
+        assert [m.id for m in box.peek(10, after_id=u1, urgent=True)] == [u2]
+        assert [m.id for m in box.peek(2, after_id=o1, urgent=False)] == [o2, o3]
+        assert box.peek(10, after_id=u2, urgent=True) == []
+        assert box.ack([u1, o2]) == 2
+        assert (box.depth, box.urgent_depth) == (4, 1)
+        assert [m.id for m in box.peek(10)] == [u2, o1, o3, o4]
+    with Outbox(path) as box:  # the flag is stored
+        assert box.urgent_depth == 1
+        assert [(m.id, m.urgent, m.topic) for m in box.peek(2)] == [
+            (u2, True, ALERTS),
+            (o1, False, TOPIC),
+        ]
+        assert box.set_aside([u2], "PUBACK 0x87 Not authorized") == 1
+        assert (box.depth, box.urgent_depth, box.dead_letters) == (3, 0, 1)
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT id, urgent FROM dead_letters").fetchall() == [(u2, 1)]
+    conn.close()
+
+
+def test_drop_oldest_drops_ordinary_messages_before_urgent_ones(path: Path) -> None:
+    one = Outbox.size_of(_msg(0))
+    alert = Outbox.size_of(_urgent(0))
+    with Outbox(path, max_bytes=2 * one + 2 * alert, full_policy="drop_oldest") as box:
+        u0 = box.append_many([_urgent(0)])[0]
+        _, o2 = box.append_many([_msg(1), _msg(2)])
+        u1 = box.append_many([_urgent(1)])[0]
+        (o3,) = box.append_many([_msg(3)])  # drops o1, the oldest ordinary, not u0
+        assert [m.id for m in box.peek(10)] == [u0, u1, o2, o3]
+        big = OutgoingMessage(TOPIC, b"x" * (2 * one + 1 - ROW_OVERHEAD - len(TOPIC)))
+        assert Outbox.size_of(big) == 2 * one + 1  # more than all ordinary messages left
+        (b,) = box.append_many([big])  # drops o2, o3 and only then the oldest urgent, u0
+        assert [m.id for m in box.peek(10)] == [u1, b]
+        assert (box.dropped_messages, box.dropped_readings) == (4, 3)
+        assert (box.depth, box.urgent_depth) == (2, 1)
+
+
+def test_a_version_1_file_is_upgraded_and_its_messages_are_ordinary(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+            payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, key TEXT,
+            readings INTEGER NOT NULL, created_s REAL NOT NULL, size INTEGER NOT NULL);
+        CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, topic TEXT NOT NULL,
+            payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, key TEXT,
+            readings INTEGER NOT NULL, created_s REAL NOT NULL, size INTEGER NOT NULL,
+            reason TEXT NOT NULL, set_aside_s REAL NOT NULL);
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        CREATE TABLE sequences (device TEXT PRIMARY KEY, next INTEGER NOT NULL);
+        INSERT INTO counters VALUES ('dropped_messages', 0), ('dropped_readings', 0);
+        INSERT INTO messages VALUES (7, 't/1', x'6f6c64', 1, 0, 'd1', 2, 1.0, 70);
+        PRAGMA user_version=1;
+        """
+    )
+    conn.close()
+    with Outbox(path) as box:
+        assert (box.depth, box.urgent_depth, box.bytes_used) == (1, 0, 70)
+        old = box.peek(1)[0]
+        assert (old.id, old.payload, old.urgent) == (7, b"old", False)
+        urgent = box.append(ALERTS, b"now", urgent=True)
+        assert [m.id for m in box.peek(10)] == [urgent, 7]
+        assert box.set_aside([7], "refused") == 1
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+    assert conn.execute("SELECT id, urgent, reason FROM dead_letters").fetchall() == [
+        (7, 0, "refused")
+    ]
+    conn.close()
 
 
 def test_ack_deletes_only_those_ids_and_ignores_unknown_ones(path: Path) -> None:
@@ -181,7 +270,7 @@ def test_a_file_from_another_schema_version_is_refused(path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version=99")
     conn.close()
-    with pytest.raises(OutboxError, match="schema version 99; this build reads version 1"):
+    with pytest.raises(OutboxError, match="schema version 99; this build reads version 2"):
         Outbox(path)
 
 
@@ -285,12 +374,17 @@ messages = st.builds(
     retain=st.booleans(),
     key=st.none() | st.sampled_from(["mtr-1", "mtr-2"]),
     readings=st.integers(min_value=0, max_value=100),
+    urgent=st.booleans(),
 )
 
 
 @settings(max_examples=60, stateful_step_count=25, deadline=None)
 class OutboxMachine(RuleBasedStateMachine):
-    """Appends, acks, peeks and reopens, checked against a plain list of (id, message)."""
+    """Appends, acks, peeks and reopens, checked against a plain list of (id, message).
+
+    The expected sending order is the urgent messages, then the ordinary ones, each in the
+    order of the list (insertion order).
+    """
 
     policy: FullPolicy = "refuse"
 
@@ -319,8 +413,9 @@ class OutboxMachine(RuleBasedStateMachine):
             with pytest.raises(OutboxFull):
                 self.box.append_many(batch)
             return
-        while used + incoming > MAX_BYTES:
-            _, oldest = self.model.pop(0)
+        while used + incoming > MAX_BYTES:  # ordinary messages are dropped first
+            ordinary = [n for n, (_, m) in enumerate(self.model) if not m.urgent]
+            _, oldest = self.model.pop(ordinary[0] if ordinary else 0)
             used -= Outbox.size_of(oldest)
             self.dropped = (self.dropped[0] + 1, self.dropped[1] + oldest.readings)
         ids = self.box.append_many(batch)
@@ -342,13 +437,20 @@ class OutboxMachine(RuleBasedStateMachine):
         assert self.box.ack(chosen + unknown) == len(chosen)
         self.model = [(i, m) for i, m in self.model if i not in set(chosen)]
 
-    @rule(limit=st.integers(min_value=0, max_value=6), skip=st.integers(min_value=0, max_value=6))
-    def peek_after(self, limit: int, skip: int) -> None:
-        after = self.model[skip - 1][0] if 0 < skip <= len(self.model) else None
-        start = skip if after is not None else 0
-        assert [m.id for m in self.box.peek(limit, after_id=after)] == [
-            i for i, _ in self.model[start : start + limit]
-        ]
+    def _sending_order(self, urgent: bool | None = None) -> list[tuple[int, OutgoingMessage]]:
+        lanes = (True, False) if urgent is None else (urgent,)
+        return [(i, m) for lane in lanes for i, m in self.model if m.urgent == lane]
+
+    @rule(
+        limit=st.integers(min_value=0, max_value=6),
+        skip=st.integers(min_value=0, max_value=6),
+        urgent=st.sampled_from([None, True, False]),
+    )
+    def peek_after(self, limit: int, skip: int, urgent: bool | None) -> None:
+        lane = self._sending_order(urgent)
+        after = lane[skip - 1][0] if 0 < skip <= len(lane) else None
+        expected = [i for i, _ in lane if after is None or i > after][:limit]
+        assert [m.id for m in self.box.peek(limit, after_id=after, urgent=urgent)] == expected
 
     @rule()
     def reopen(self) -> None:
@@ -358,10 +460,14 @@ class OutboxMachine(RuleBasedStateMachine):
     @invariant()
     def matches_the_model(self) -> None:
         stored = self.box.peek(100)
-        assert [(m.id, m.topic, m.payload, m.qos, m.retain, m.key, m.readings) for m in stored] == [
-            (i, m.topic, m.payload, m.qos, m.retain, m.key, m.readings) for i, m in self.model
+        assert [
+            (m.id, m.topic, m.payload, m.qos, m.retain, m.key, m.readings, m.urgent) for m in stored
+        ] == [
+            (i, m.topic, m.payload, m.qos, m.retain, m.key, m.readings, m.urgent)
+            for i, m in self._sending_order()
         ]
         assert self.box.depth == len(self.model)
+        assert self.box.urgent_depth == sum(m.urgent for _, m in self.model)
         assert self.box.bytes_used == sum(Outbox.size_of(m) for _, m in self.model)
         assert (self.box.dropped_messages, self.box.dropped_readings) == self.dropped
 

@@ -1,4 +1,4 @@
-"""Outbox publisher against real mosquitto: outages, crashes, status events, pacing, rejections.
+"""Outbox publisher against real mosquitto: outages, crashes, status, pacing, urgent lane, refusals.
 
 A ``Ledger`` subscriber with a persistent session (``clean_start=False`` on every connect and a
 session expiry, so mosquitto keeps its queue across broker restarts) records every
@@ -15,17 +15,20 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import paho.mqtt.client as mqtt
 import pytest
 from mqtt_ledger import WAIT_S, Ledger, wait_until
 from servers import Mosquitto
 
 import edge_agent.outbox
 import edge_agent.publisher
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, OutgoingMessage
 from edge_agent.publisher import OutboxPublisher, TokenBucket, parse_broker_url
 from meshwatch.backoff import Backoff
 from meshwatch.contract import (
+    Alert,
     DeviceState,
     DeviceStatus,
     Reading,
@@ -48,6 +51,42 @@ def batch_payload(gateway: str, seqs: dict[str, range]) -> bytes:
         for seq in span
     ]
     return encode(TelemetryBatch(site=SITE, gateway_id=gateway, sent_ms=T0_MS, readings=readings))
+
+
+def alert_payload(n: int) -> bytes:
+    """An edge Alert numbered ``n`` (its id is ``edge-alert-{n}``)."""
+    alert = Alert(
+        alert_id=f"edge-alert-{n}", device_id="mtr-1", kind="leak", severity="major",
+        score=0.9, first_ts_ms=T0_MS, last_ts_ms=T0_MS + 60_000, model_version="v1",
+    )  # fmt: skip
+    return encode(alert)
+
+
+def telemetry(gateway: str, order: list[tuple[str, int]]) -> list[OutgoingMessage]:
+    """One ordinary message per ``(device, seq)``, in that order."""
+    topic = topics.site_telemetry(SITE, gateway)
+    return [
+        OutgoingMessage(topic, batch_payload(gateway, {d: range(s, s + 1)}), key=d, readings=1)
+        for d, s in order
+    ]
+
+
+def arrival_order(ledger: Ledger) -> list[str | tuple[str, int]]:
+    """What arrived, in order: an alert's id, or a telemetry reading's (device, seq)."""
+    with ledger._lock:
+        events = list(ledger.events)
+    order: list[str | tuple[str, int]] = []
+    for event in events:
+        if isinstance(event, Alert):
+            order.append(event.alert_id)
+        elif isinstance(event, TelemetryBatch):
+            order += [(r.device_id, r.seq) for r in event.readings]
+    return order
+
+
+def first_arrivals(order: list[str | tuple[str, int]]) -> list[str | tuple[str, int]]:
+    """``order`` without the repeats (at-least-once resends)."""
+    return list(dict.fromkeys(order))
 
 
 class Writer:
@@ -141,7 +180,7 @@ from meshwatch.contract import Reading, TelemetryBatch, encode, topics
 
 path, url, site, gateway, t0 = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 box = Outbox(path)
-OutboxPublisher(box, url, site=site, gateway_id=gateway, rate_limit_per_s=30,
+OutboxPublisher(box, url, site=site, gateway_id=gateway, rate_limit_per_s=30, max_in_flight=5,
                 heartbeat_s=0.2, backoff=Backoff(initial_s=0.1, max_s=1.0)).start()
 topic = topics.site_telemetry(site, gateway)
 seq = 0
@@ -284,6 +323,163 @@ def test_a_backlog_drains_at_the_configured_rate_within_the_window(
     ledger.close()
 
 
+# -- the urgent lane ------------------------------------------------------------------------------
+
+
+def test_an_urgent_message_overtakes_a_rate_limited_backlog(
+    mosquitto: Mosquitto, box: Outbox
+) -> None:
+    gateway = "gw-urgent"
+    ledger = Ledger(
+        mosquitto, "ledger-urgent", topics.subscription("site_telemetry"),
+        topics.subscription("site_alerts"),
+    )  # fmt: skip
+    backlog = [(f"mtr-{n % 3}", n // 3) for n in range(300)]
+    box.append_many(telemetry(gateway, backlog))
+    publisher = OutboxPublisher(
+        box, mosquitto.url, site=SITE, gateway_id=gateway, rate_limit_per_s=200, max_in_flight=10
+    ).start()  # 300 messages at 200/s: the backlog takes ~1.5 s to drain
+    wait_until(lambda: len(ledger.received()) >= 20, what="the backlog to start draining")
+    before = len(ledger.received())
+    box.append(
+        topics.build("site_alerts", site=SITE, gateway=gateway), alert_payload(1), key="mtr-1",
+        urgent=True,
+    )  # fmt: skip
+    wait_until(lambda: "edge-alert-1" in arrival_order(ledger), what="the urgent alert")
+    assert box.depth > 150, "the backlog drained before the alert arrived: nothing was shown"
+    assert publisher.close(timeout_s=WAIT_S)
+    ledger.wait_for(set(backlog))
+
+    order = arrival_order(ledger)
+    overtaken = order.index("edge-alert-1")
+    # Only what was already in flight (or sent in the same round) may arrive before the alert.
+    assert overtaken - before <= 2 * 10, f"{overtaken - before} backlog messages went first"
+    assert overtaken < len(backlog) // 2
+    assert first_arrivals([o for o in order if o != "edge-alert-1"]) == backlog  # exact order
+    stats = publisher.stats()
+    assert (stats["urgent_published"], stats["published"]) == (1, len(backlog) + 1)
+    assert (stats["acked"], stats["resent"], stats["urgent_queue_depth"]) == (301, 0, 0)
+    ledger.close()
+
+
+def test_urgent_messages_survive_a_broker_crash_in_flight_and_a_reopened_outbox(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    gateway = "gw-urgent-crash"
+    alerts = topics.build("site_alerts", site=SITE, gateway=gateway)
+    subscribed = time.time()
+    ledger = Ledger(
+        mosquitto, "ledger-urgent-crash", topics.subscription("site_telemetry"),
+        topics.subscription("site_alerts"),
+    )  # fmt: skip
+    saved = mosquitto.data_dir / "mosquitto.db"  # the ledger's session must survive the crash
+    wait_until(
+        lambda: saved.exists() and saved.stat().st_mtime > subscribed, timeout=5,
+        what="mosquitto to save the ledger's session",
+    )  # fmt: skip
+    box = Outbox(tmp_path / "outbox.db")
+    publisher = OutboxPublisher(
+        box, mosquitto.url, site=SITE, gateway_id=gateway, rate_limit_per_s=100,
+        max_in_flight=10, backoff=fast_backoff(),
+    ).start()  # fmt: skip
+    wait_until(lambda: publisher.connected, what="the first connection")
+
+    # Freeze the broker: what is sent now stays in flight, unacknowledged, then dies with it.
+    pid = mosquitto.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        stat = Path(f"/proc/{pid}/stat")
+        wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T", timeout=5,
+                   what="the broker to stop")  # fmt: skip
+        box.append(alerts, alert_payload(1), urgent=True)
+        box.append_many(telemetry(gateway, [("mtr-1", s) for s in range(5)]))
+        wait_until(lambda: publisher.in_flight == 6, timeout=5, what="6 messages in flight")
+    finally:
+        mosquitto.kill()  # SIGKILL ends a stopped process too
+    wait_until(lambda: not publisher.connected, what="the publisher to notice the crash")
+    box.append_many(telemetry(gateway, [("mtr-1", s) for s in range(5, 60)]))
+    box.append(alerts, alert_payload(2), urgent=True)
+    mosquitto.start()
+    wait_until(lambda: box.depth == 0, what="the outbox to drain after the crash")
+    assert publisher.stats()["reconnects"] == 1
+    assert publisher.urgent_published == 3  # alert 1 twice (in flight at the crash), alert 2
+    assert publisher.resent == 6
+    assert publisher.close(timeout_s=5)
+    crash = [("mtr-1", s) for s in range(60)]
+    ledger.wait_for(set(crash))
+    # After the reconnect, both alerts went first, though alert 2 was appended last.
+    assert first_arrivals(arrival_order(ledger)) == ["edge-alert-1", "edge-alert-2", *crash]
+
+    # Queued while no publisher runs, then the outbox is closed and reopened.
+    box.append_many(telemetry(gateway, [("mtr-1", s) for s in range(60, 100)]))
+    box.append(alerts, alert_payload(3), urgent=True)
+    box.close()
+    with Outbox(tmp_path / "outbox.db") as box:
+        assert (box.depth, box.urgent_depth) == (41, 1)
+        assert box.peek(1)[0].urgent
+        publisher = OutboxPublisher(
+            box, mosquitto.url, site=SITE, gateway_id=gateway, rate_limit_per_s=100
+        ).start()
+        assert publisher.close(timeout_s=WAIT_S)
+    reopened = [("mtr-1", s) for s in range(60, 100)]
+    ledger.wait_for(set(reopened))
+    assert first_arrivals(arrival_order(ledger))[62:] == ["edge-alert-3", *reopened]
+    ledger.close()
+
+
+class FakeClient:
+    """Records what the publisher hands to paho; every publish succeeds."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> SimpleNamespace:
+        self.sent.append(payload)
+        return SimpleNamespace(rc=mqtt.MQTT_ERR_SUCCESS, mid=len(self.sent))
+
+
+def test_urgent_messages_go_first_under_their_own_cap_and_ordinary_ones_wait(
+    box: Outbox,
+) -> None:
+    topic = topics.site_telemetry(SITE, "gw-fake")
+    ordinary = [f"o{n}".encode() for n in range(6)]
+    urgent = [f"u{n}".encode() for n in range(6)]
+    box.append_many([OutgoingMessage(topic, p) for p in ordinary])
+    box.append_many([OutgoingMessage(topic, p, urgent=True) for p in urgent])
+    publisher = OutboxPublisher(box, "mqtt://127.0.0.1", site=SITE, gateway_id="gw-fake",
+                                max_in_flight=4)  # fmt: skip
+    client = FakeClient()
+    now = time.monotonic()
+    # What _connect() sets up, with rates so low that no token refills during the test.
+    publisher._bucket = TokenBucket(1e-6, 4, now=now)
+    publisher._urgent_bucket = TokenBucket(1e-6, 4, now=now)
+
+    def fill(acked: bool = True) -> list[bytes]:
+        if acked:
+            publisher._in_flight.clear()  # as if every PUBACK had come
+        start = len(client.sent)
+        publisher._fill_window(client)  # type: ignore[arg-type]
+        return client.sent[start:]
+
+    assert fill() == urgent[:4]  # the urgent lane first, a burst of the window
+    assert fill() == []  # 2 urgent wait for their cap; ordinary messages wait behind them
+    publisher._urgent_bucket.give_back(1)
+    assert fill(acked=False) == urgent[4:5]
+    publisher._urgent_bucket = None  # lift the urgent cap
+    assert fill(acked=False) == [urgent[5], *ordinary[:2]]  # then ordinary, 3 slots free
+    assert fill() == ordinary[2:4]  # urgent sends took no ordinary tokens: 4 in all
+    assert fill() == []  # the ordinary bucket is empty
+    stats = publisher.stats()
+    assert (stats["published"], stats["urgent_published"], stats["resent"]) == (10, 6, 0)
+
+    publisher._connection_lost("test")  # nothing was acked: resend, urgent lane first
+    publisher._bucket = None
+    assert fill() == urgent[:4]
+    assert publisher.resent == 4
+    assert fill() == [*urgent[4:], *ordinary[:2]]
+
+
 class RestrictedMosquitto(Mosquitto):
     """Mosquitto whose ACL lets anonymous clients publish to ``mw/#`` only."""
 
@@ -360,6 +556,10 @@ def test_token_bucket_refills_at_its_rate_and_caps_bursts() -> None:
     assert bucket.take(25, now=0.0) == 10
     assert bucket.take(25, now=0.1) == 5
     assert bucket.take(25, now=100.0) == 10  # idle time does not bank more than a burst
+    bucket.give_back(3)  # tokens taken but not spent
+    assert bucket.take(25, now=100.0) == 3
+    bucket.give_back(50)
+    assert bucket.take(25, now=100.0) == 10  # never more than a burst
     with pytest.raises(ValueError, match="rate must be > 0"):
         TokenBucket(rate=0.0, burst=1, now=0.0)
 
@@ -384,6 +584,8 @@ def test_credentials_from_arguments_override_the_url(box: Outbox) -> None:
     assert publisher._address == edge_agent.publisher.BrokerAddress("broker", 1883, "u", "other")
     with pytest.raises(ValueError, match="topic level gateway='bad/id'"):
         OutboxPublisher(box, "mqtt://broker", site=SITE, gateway_id="bad/id")
+    with pytest.raises(ValueError, match="urgent_rate_limit_per_s must be > 0"):
+        OutboxPublisher(box, "mqtt://b", site=SITE, gateway_id="g", urgent_rate_limit_per_s=0.0)
 
 
 

@@ -131,23 +131,33 @@ class TelemetryBatch(_Event):
     readings: Annotated[list[Reading], Field(min_length=1, max_length=10_000)]
 
 
-class EdgeScore(_Event):
-    """An edge model's score for one device's feature window."""
+class WindowScore(_Model):
+    """An edge model's score (0 normal .. 1 anomalous) for one device's feature window."""
 
-    type: Literal["edge_score"] = "edge_score"
     device_id: Id
     window_start_ms: EpochMs
     window_end_ms: EpochMs
     score: Score
-    model_id: Id
-    model_version: Id
-    features: dict[MetricName | Id, FiniteFloat] = {}
 
     @model_validator(mode="after")
-    def _ordered(self) -> EdgeScore:
+    def _ordered(self) -> WindowScore:
         if self.window_end_ms < self.window_start_ms:
             raise PydanticCustomError("window_order", "window_end_ms is before window_start_ms")
         return self
+
+
+class EdgeScore(_Event):
+    """Scores of one gateway's edge model for the windows that closed together (1 to 10,000).
+
+    Batched like telemetry: one message per scoring call, not one per window.
+    """
+
+    type: Literal["edge_score"] = "edge_score"
+    site: Id
+    gateway_id: Id
+    model_id: Id
+    model_version: Id
+    windows: Annotated[list[WindowScore], Field(min_length=1, max_length=10_000)]
 
 
 class DeviceState(StrEnum):
