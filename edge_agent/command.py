@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="feed this gateway's devices from the in-process fleet simulator")
     sim.add_argument("--meters", type=int, default=2000, help="fleet size (default 2000)")
     sim.add_argument("--districts", type=int, default=None, help="districts (default: derived)")
+    sim.add_argument("--meters-per-gateway", type=int, default=500,
+                     help="customer meters per gateway (default 500)")
     sim.add_argument("--days", type=float, default=1.0, help="simulated days (default 1)")
     sim.add_argument("--seed", type=int, default=0, help="simulator seed")
     sim.add_argument("--speed", type=float, default=None,
@@ -169,7 +171,9 @@ def _devices(config: Config) -> list[str]:
 def _simulated_blocks(args: argparse.Namespace, settings: AgentSettings) -> Iterator[Any]:
     from simulators import FleetConfig, FleetSimulator, SimConfig
 
-    config = SimConfig(fleet=FleetConfig(meters=args.meters, districts=args.districts),
+    fleet = FleetConfig(meters=args.meters, districts=args.districts,
+                        meters_per_gateway=args.meters_per_gateway)
+    config = SimConfig(fleet=fleet,
                        days=args.days, seed=args.seed, speed=args.speed)
     config.validate()
     simulator = FleetSimulator(config)

@@ -1,0 +1,105 @@
+"""The zero-setup MQTT broker: amqtt in-process, for ``embedded://`` URLs and ``meshwatch demo``.
+
+amqtt runs in a background thread with its own event loop and listens on a loopback port,
+so every component talks to it over real MQTT exactly as it would to mosquitto. Limits,
+measured here: amqtt speaks MQTT 3.1.1 only (clients must connect with protocol 3.1.1, so no
+v5 reason codes or receive maximum) and forwards ~1.9k messages/s, which is why telemetry is
+batched and why production uses mosquitto or a broker cluster (``mqtt://``).
+
+This module is part of the command-line layer (with :mod:`meshwatch.cli`): it imports amqtt
+only when a broker is started.
+
+>>> with EmbeddedBroker() as broker:
+...     broker.url.startswith("mqtt://127.0.0.1:")
+True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from types import TracebackType
+from typing import Any, Self
+
+MQTT_PROTOCOL = "3.1.1"
+"""The only protocol version amqtt speaks."""
+
+
+class EmbeddedBroker:
+    """An amqtt broker on ``host:port`` (a free port when 0), run in a daemon thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port or _free_port(host)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._broker: Any = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        """``mqtt://host:port`` of the running broker."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> Self:
+        """Start the broker and wait until it accepts connections."""
+        for name in ("amqtt", "transitions"):  # they log every connection at INFO
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s) or self._error is not None:
+            msg = f"the embedded MQTT broker did not start on {self.host}:{self.port}"
+            raise RuntimeError(msg) from self._error
+        return self
+
+    def stop(self) -> None:
+        """Shut the broker down and wait for its thread."""
+        loop, broker = self._loop, self._broker
+        if loop is None or broker is None or self._thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(broker.shutdown(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout=10)
+        self._loop = None
+
+    def _run(self) -> None:
+        from amqtt.broker import Broker  # type: ignore[import-untyped]
+
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                        {"allow_anonymous": True}},
+        }
+        try:
+            self._broker = Broker(config, loop=loop)
+            loop.run_until_complete(self._broker.start())
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._loop = loop
+        self._ready.set()
+        loop.run_forever()
+        loop.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
