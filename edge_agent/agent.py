@@ -108,6 +108,8 @@ class EdgeAgent:
             rate_limit_per_s=settings.backlog_rate_per_s, heartbeat_s=settings.heartbeat_s,
             devices=devices or (), agent_version=__version__,
         )
+        if scorer is not None:
+            self.publisher.model_version = scorer.model.version
         self.readings_in = 0
         self.messages_out = 0
         self.waits_for_room = 0

@@ -4,6 +4,9 @@ The agent publishes to ``site_broker`` with the ``[edge]`` settings of the confi
 Inputs, any combination:
 
 - the OPC-UA servers of ``[[opcua]]`` (data-change subscriptions);
+With ``edge.model_dir`` set, closed feature windows are scored by that model, and the agent
+follows its retained model-announcement topic for updates (:mod:`edge_agent.model_updates`).
+
 - ``--simulate``: the in-process fleet simulator, keeping the readings of this gateway's
   devices (for demos and load tests; ``--speed`` paces it, else it runs flat out and the
   agent exits when the simulated days are over).
@@ -33,6 +36,7 @@ from rich.table import Table
 
 from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.metrics import serve_metrics
+from edge_agent.model_updates import watch_models
 from edge_agent.opcua_input import OpcUaInput, OpcUaReading
 from edge_agent.outbox import OutboxError
 from edge_agent.scoring import EdgeScorer
@@ -86,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     agent.start()
     if config.edge.metrics_port:
         serve_metrics([agent], config.edge.metrics_port)
+    watcher = (watch_models(agent, settings.broker_url, config.edge.model_staging_dir)
+               if scorer is not None else None)
     readings: queue.SimpleQueue[OpcUaReading] = queue.SimpleQueue()
     inputs = [OpcUaInput(server, readings.put) for server in config.opcua]
     for source in inputs:
@@ -96,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for source in inputs:
             source.stop()
+        if watcher is not None:
+            watcher.close()
         _drain(agent, readings)
         agent.stop_waiting()
         drained = agent.close(config.edge.shutdown_timeout_s)

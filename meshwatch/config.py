@@ -246,6 +246,7 @@ class EdgeConfig(_Section):
     shutdown_timeout_s: float = Field(10.0, ge=0)
     metrics_port: int = Field(0, ge=0, le=65_535)
     model_dir: Path | None = None
+    model_staging_dir: Path = Path("edge-models")
     alert_threshold: float = Field(0.8, gt=0, le=1)
 
     @field_validator("site", "gateway_id")
