@@ -32,7 +32,7 @@ import numpy as np
 
 from edge_agent.batcher import ReadingBatcher
 from edge_agent.outbox import Outbox, OutboxFull, OutgoingMessage
-from edge_agent.publisher import OutboxPublisher
+from edge_agent.publisher import MqttProtocol, OutboxPublisher
 from edge_agent.scoring import EdgeScorer
 from meshwatch import __version__
 from meshwatch.contract import topics
@@ -68,6 +68,7 @@ class AgentSettings:
     outbox_path: Path
     username: str | None = None
     password: str | None = None
+    mqtt_protocol: MqttProtocol = "5"
     outbox_max_bytes: int = 256 * 1024 * 1024
     outbox_full_policy: str = "refuse"
     outbox_synchronous: str = "FULL"
@@ -106,7 +107,7 @@ class EdgeAgent:
             gateway_id=settings.gateway_id, username=settings.username,
             password=settings.password, max_in_flight=settings.max_in_flight,
             rate_limit_per_s=settings.backlog_rate_per_s, heartbeat_s=settings.heartbeat_s,
-            devices=devices or (), agent_version=__version__,
+            devices=devices or (), agent_version=__version__, protocol=settings.mqtt_protocol,
         )
         if scorer is not None:
             self.publisher.model_version = scorer.model.version

@@ -122,7 +122,7 @@ def agent_settings(config: Config) -> AgentSettings:
         raise ValueError(msg)
     return AgentSettings(
         site=edge.site, gateway_id=edge.gateway_id, broker_url=broker.url,
-        username=broker.username,
+        username=broker.username, mqtt_protocol=broker.protocol,
         password=broker.password.get_secret_value() if broker.password else None,
         outbox_path=edge.outbox_path, outbox_max_bytes=int(edge.outbox_max_mb * 1024 * 1024),
         outbox_full_policy=edge.outbox_full_policy, outbox_synchronous=edge.outbox_synchronous,

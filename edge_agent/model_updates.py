@@ -46,7 +46,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.publisher import parse_broker_url
+from edge_agent.publisher import MqttProtocol, paho_protocol, parse_broker_url
 from meshwatch.contract import ContractError, ModelAnnouncement, decode, topics
 from models.edge.package import (
     MANIFEST_FILE,
@@ -169,6 +169,7 @@ class ModelWatcher:
         serving: Callable[[], EdgeModel],
         on_model: OnModel,
         on_reject: OnReject,
+        protocol: MqttProtocol = "5",
         username: str | None = None,
         password: str | None = None,
         timeout_s: float = 30.0,
@@ -185,6 +186,8 @@ class ModelWatcher:
         self.serving = serving
         self.on_model = on_model
         self.on_reject = on_reject
+        paho_protocol(protocol)  # validates it
+        self.protocol = protocol
         self.username = username if username is not None else self.address.username
         self.password = password if password is not None else self.address.password
         self.timeout_s = timeout_s
@@ -214,7 +217,7 @@ class ModelWatcher:
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         self._worker.start()
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=mqtt.MQTTv5)
+                             protocol=paho_protocol(self.protocol))
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         if self.username is not None:
             client.username_pw_set(self.username, self.password)
@@ -357,6 +360,7 @@ def watch_models(agent: EdgeAgent, broker_url: str, staging_dir: str | Path) -> 
     return ModelWatcher(
         broker_url, site=agent.settings.site, gateway_id=agent.settings.gateway_id,
         staging_dir=staging_dir, serving=lambda: scorer.model, on_model=agent.offer_model,
-        on_reject=report_rejection, username=agent.settings.username,
+        on_reject=report_rejection, protocol=agent.settings.mqtt_protocol,
+        username=agent.settings.username,
         password=agent.settings.password,
     ).start()

@@ -66,7 +66,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -94,6 +94,22 @@ DEFAULT_PORT = 1883
 PERMANENT_REJECTIONS = frozenset({0x87, 0x90, 0x95, 0x99})
 """PUBACK reason codes that refuse the message itself: not authorized, topic name invalid,
 packet too large, payload format invalid. Such messages become dead letters."""
+
+
+MqttProtocol = Literal["5", "3.1.1"]
+
+
+def paho_protocol(version: str) -> int:
+    """Paho's constant for an MQTT protocol version, ``"5"`` or ``"3.1.1"``.
+
+    >>> paho_protocol("3.1.1") == mqtt.MQTTv311
+    True
+    """
+    protocols = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+    if version not in protocols:
+        msg = f"MQTT protocol must be '5' or '3.1.1', got {version!r}"
+        raise ValueError(msg)
+    return protocols[version]
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +218,8 @@ class OutboxPublisher:
         agent_version: reported in status events.
         poll_s: how long the thread waits for network traffic before looking at the
             outbox again; the longest delay between an append and its publish when idle.
+        protocol: ``"5"`` (default) or ``"3.1.1"`` for brokers without MQTT 5 (the embedded
+            amqtt broker); 3.1.1 has no PUBACK reason codes, so nothing is ever refused.
 
     """
 
@@ -226,6 +244,7 @@ class OutboxPublisher:
         devices: Sequence[str] = (),
         agent_version: str | None = None,
         poll_s: float = 0.02,
+        protocol: MqttProtocol = "5",
     ) -> None:
         address = parse_broker_url(url)
         if max_in_flight < 1:
@@ -244,6 +263,8 @@ class OutboxPublisher:
                 f" {poll_s!r}, {connect_timeout_s!r}"
             )
             raise ValueError(msg)
+        paho_protocol(protocol)  # validates it
+        self.protocol = protocol
         self.outbox = outbox
         self.url = url
         self.site = site
@@ -436,19 +457,19 @@ class OutboxPublisher:
         """One connection attempt; on failure, wait the back-off delay (or until close())."""
         self._generation += 1
         client = self._new_client()
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 0  # the outbox is our session
         self._connack = None
         self._lost = False
         failure: str | None = None
         try:
-            client.connect(
-                self._address.host,
-                self._address.port,
-                keepalive=self.keepalive_s,
-                clean_start=True,
-                properties=properties,
-            )
+            if self.protocol == "5":
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = 0  # the outbox is our session
+                client.connect(self._address.host, self._address.port,
+                               keepalive=self.keepalive_s, clean_start=True,
+                               properties=properties)
+            else:  # 3.1.1: a clean session, set when the client was made
+                client.connect(self._address.host, self._address.port,
+                               keepalive=self.keepalive_s)
             deadline = time.monotonic() + self.connect_timeout_s
             while self._connack is None and time.monotonic() < deadline and not self._lost:
                 if client.loop(timeout=self.poll_s) != mqtt.MQTT_ERR_SUCCESS:
@@ -498,7 +519,8 @@ class OutboxPublisher:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=paho_protocol(self.protocol),
+            clean_session=None if self.protocol == "5" else True,
             userdata=self._generation,
         )
         client.max_inflight_messages_set(0)  # we keep our own window; paho must not queue

@@ -64,6 +64,7 @@ class BrokerConfig(_Section):
     username: str | None = None
     password: SecretStr | None = None
     client_id: str | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
     keepalive_s: int = Field(30, ge=5, le=3600)
     tls: TLSConfig | None = None
 

@@ -19,7 +19,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from servers import Mosquitto
 
+from edge_agent.publisher import paho_protocol
 from meshwatch.contract import DeviceStatus, TelemetryBatch, decode_event
+from meshwatch.embedded_broker import EmbeddedBroker
 
 WAIT_S = 30.0
 
@@ -35,7 +37,8 @@ def wait_until(condition: Callable[[], bool], timeout: float = WAIT_S, what: str
 class Ledger:
     """A QoS1 subscriber with a persistent session that records what arrives, in order."""
 
-    def __init__(self, broker: Mosquitto, client_id: str, *filters: str) -> None:
+    def __init__(self, broker: Mosquitto | EmbeddedBroker, client_id: str, *filters: str,
+                 protocol: str = "5") -> None:
         self.arrivals: list[tuple[str, int]] = []  # (device, seq) per reading, arrival order
         self.statuses: list[tuple[DeviceStatus, bool]] = []  # (event, retained flag)
         self.events: list[object] = []  # every decoded event, arrival order
@@ -43,17 +46,22 @@ class Ledger:
         self._filters = filters
         self._lock = threading.Lock()
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho_protocol(protocol),
+            clean_session=False if protocol == "3.1.1" else None,
         )
         self.client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = 600
-        # clean_start=False on EVERY connect: mosquitto 2.0.11 does not persist a session that
-        # was created with clean_start=True, even with a session expiry.
-        self.client.connect(broker.host, broker.port, clean_start=False, properties=properties)
+        if protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 600
+            # clean_start=False on EVERY connect: mosquitto 2.0.11 does not persist a session
+            # that was created with clean_start=True, even with a session expiry.
+            self.client.connect(broker.host, broker.port, clean_start=False,
+                                properties=properties)
+        else:
+            self.client.connect(broker.host, broker.port)
         self.client.loop_start()
         assert self.subscribed.wait(10), "the ledger could not subscribe"
 

@@ -15,6 +15,7 @@ from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.metrics import serve_metrics
 from edge_agent.scoring import EdgeScorer
 from meshwatch.contract import Alert, EdgeScore, topics
+from meshwatch.embedded_broker import EmbeddedBroker
 from models.edge.package import load_package
 from models.edge.train import TRAINING_RATES
 from simulators import Episode, FleetConfig, FleetSimulator, SimConfig
@@ -170,3 +171,20 @@ def test_windows_are_scored_at_the_edge_and_incidents_raise_alerts(
     devices = {s.device_id for s in scores}
     precision = len(alerted & leaking) / len(alerted)
     assert precision > 3 * len(leaking & devices) / len(devices)  # far better than chance
+
+
+def test_the_embedded_broker_carries_everything_over_mqtt_3_1_1(tmp_path) -> None:
+    blocks = _blocks_of_gateway(meters=400, days=0.5)
+    expected = {(str(d), int(s)) for b in blocks for d, s in zip(b.device_ids, b.seq,
+                                                                 strict=True)}
+    with EmbeddedBroker() as broker:
+        ledger = Ledger(broker, "ledger-amqtt", topics.subscription("site_telemetry"),
+                        protocol="3.1.1")
+        settings = _settings(tmp_path, broker, mqtt_protocol="3.1.1")  # type: ignore[arg-type]
+        with EdgeAgent(settings) as agent:
+            for block in blocks:
+                agent.submit_block(block)
+            ledger.wait_for(expected)
+            wait_until(lambda: agent.stats()["acked"] == agent.stats()["messages_out"], 10,
+                       "every PUBACK")
+        ledger.close()

@@ -182,7 +182,7 @@ def test_a_model_with_the_wrong_input_shape_is_rejected(
     assert "input is 'features' tensor(float) [None, 14]" in note
     assert "[N, 15]" in note
     assert set(score_versions(ledger)) == {old_model.version}
-    assert agent.publisher.model_version is None  # never swapped
+    assert agent.publisher.model_version == old_model.version  # never swapped
 
 
 @pytest.mark.parametrize(("payload", "reason"), [
@@ -216,7 +216,7 @@ def test_the_version_already_serving_is_ignored(
         wait_until(lambda: "already serves" in caplog.text, 10, "the announcement")
     assert (watcher.accepted, watcher.rejected) == (0, 0)
     assert list(staging.iterdir()) == []
-    assert agent.publisher.model_version is None
+    assert agent.publisher.model_version == agent.scorer.model.version  # unchanged
 
 
 def test_a_package_is_fetched_over_http_and_old_staged_packages_are_pruned(
