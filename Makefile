@@ -13,7 +13,7 @@ DEMO_DIR ?= demo-out
 .PHONY: demo test lint bench servers clean
 
 demo: $(VENV)/.demo-installed
-	$(BIN)/meshwatch simulate --meters 2000 --districts 3 --days 7 --seed 7 --out $(DEMO_DIR)
+	$(BIN)/meshwatch demo --out $(DEMO_DIR)
 
 test: $(VENV)/.dev-installed servers
 	$(BIN)/ruff check .

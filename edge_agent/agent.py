@@ -42,9 +42,20 @@ from models.edge.package import EdgeModel
 class ColumnarReadings(Protocol):
     """What :meth:`EdgeAgent.submit_block` reads (:class:`simulators.ReadingBlock` is one)."""
 
-    gateway_id: str
-    ts_ms: np.ndarray
-    metrics: dict[str, np.ndarray]
+    @property
+    def gateway_id(self) -> str:
+        """The gateway that delivered the readings."""
+        ...
+
+    @property
+    def ts_ms(self) -> np.ndarray:
+        """Event times, UTC epoch ms."""
+        ...
+
+    @property
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Metric name → values."""
+        ...
 
     @property
     def device_ids(self) -> np.ndarray:

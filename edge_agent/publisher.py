@@ -70,7 +70,7 @@ from typing import Any, Literal, Self
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -99,7 +99,7 @@ packet too large, payload format invalid. Such messages become dead letters."""
 MqttProtocol = Literal["5", "3.1.1"]
 
 
-def paho_protocol(version: str) -> int:
+def paho_protocol(version: str) -> MQTTProtocolVersion:
     """Paho's constant for an MQTT protocol version, ``"5"`` or ``"3.1.1"``.
 
     >>> paho_protocol("3.1.1") == mqtt.MQTTv311

@@ -34,6 +34,7 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulators.command", "simulate a smart-water fleet with ground truth"),
     "train": ("models.command", "train models"),
     "edge": ("edge_agent.command", "run one gateway's edge agent (store-and-forward, scoring)"),
+    "demo": ("meshwatch.demo", "run the whole platform in one process on embedded defaults"),
 }
 
 

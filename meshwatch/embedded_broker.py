@@ -21,9 +21,9 @@ import logging
 import socket
 import threading
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
-MQTT_PROTOCOL = "3.1.1"
+MQTT_PROTOCOL: Final = "3.1.1"
 """The only protocol version amqtt speaks."""
 
 
@@ -32,7 +32,7 @@ class EmbeddedBroker:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
-        self.port = port or _free_port(host)
+        self.port = port or free_port(host)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Any = None
         self._thread: threading.Thread | None = None
@@ -66,7 +66,7 @@ class EmbeddedBroker:
         self._loop = None
 
     def _run(self) -> None:
-        from amqtt.broker import Broker  # type: ignore[import-untyped]
+        from amqtt.broker import Broker
 
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
@@ -99,7 +99,8 @@ class EmbeddedBroker:
         self.stop()
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
+    """A TCP port on ``host`` that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

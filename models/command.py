@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         errors.print(f"[red]train edge: error:[/] {exc}", highlight=False)
         return 2
     started = time.perf_counter()
-    with _Bar(args.quiet) as progress:
+    with TrainingProgress(args.quiet) as progress:
         trained = train_edge_model(settings, progress)
     try:
         target = write_package(trained, args.out)
@@ -128,7 +128,7 @@ def _night_span(text: str) -> tuple[int, int]:
     return start, end
 
 
-class _Bar:
+class TrainingProgress:
     """A rich progress display with one bar per training stage, or nothing when quiet."""
 
     def __init__(self, quiet: bool) -> None:
@@ -137,7 +137,7 @@ class _Bar:
             TimeElapsedColumn(), console=Console(stderr=True))
         self._tasks: dict[str, TaskID] = {}
 
-    def __enter__(self) -> _Bar:
+    def __enter__(self) -> TrainingProgress:
         if self._progress is not None:
             self._progress.__enter__()
         return self
@@ -147,6 +147,7 @@ class _Bar:
             self._progress.__exit__(None, None, None)
 
     def __call__(self, stage: str, done: float, total: float) -> None:
+        """Show ``done`` of ``total`` for a training stage."""
         if self._progress is None:
             return
         if stage not in self._tasks:
