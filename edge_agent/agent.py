@@ -8,6 +8,8 @@ The agent owns an :class:`~edge_agent.outbox.Outbox` and an
   at most ``max_batch_readings`` in one outbox transaction.
 - :meth:`EdgeAgent.submit_reading`: one reading without a seq (OPC-UA, local MQTT devices);
   the agent assigns the seq and batches by size and delay (:mod:`edge_agent.batcher`).
+- :meth:`EdgeAgent.submit_dead_letter`: an input message that broke the contract, kept as a
+  ``DeadLetter`` event on the dead-letter topic, so nothing is dropped without a record.
 
 With an :class:`~edge_agent.scoring.EdgeScorer`, the readings also feed per-device feature
 windows; closed windows are scored by the edge model and their ``EdgeScore`` events (and edge
@@ -23,6 +25,7 @@ outbox to drain up to a timeout, publishes a clean death and disconnects.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,7 +38,7 @@ from edge_agent.outbox import Outbox, OutboxFull, OutgoingMessage
 from edge_agent.publisher import MqttProtocol, OutboxPublisher
 from edge_agent.scoring import EdgeScorer
 from meshwatch import __version__
-from meshwatch.contract import topics
+from meshwatch.contract import DeadLetter, QualityFlag, encode, topics
 from models.edge.package import EdgeModel
 
 
@@ -125,6 +128,7 @@ class EdgeAgent:
         self.readings_in = 0
         self.messages_out = 0
         self.waits_for_room = 0
+        self.dead_letters = 0
         self.final_stats: dict[str, int | float] = {}  # stats() as they were at close()
         self._stop = threading.Event()
         self._model_lock = threading.Lock()
@@ -164,7 +168,8 @@ class EdgeAgent:
         self.readings_in += len(block)
         return True
 
-    def submit_reading(self, device_id: str, ts_ms: int, metrics: dict[str, float]) -> bool:
+    def submit_reading(self, device_id: str, ts_ms: int, metrics: dict[str, float],
+                       quality: Sequence[QualityFlag] = ()) -> bool:
         """Accept one reading without a seq; False if shutdown interrupted a wait for room.
 
         Raises:
@@ -172,7 +177,7 @@ class EdgeAgent:
 
         """
         self._swap_offered_model()
-        self.batcher.add(device_id, ts_ms, metrics)
+        self.batcher.add(device_id, ts_ms, metrics, quality)
         self.readings_in += 1
         if self.scorer is None:
             return True
@@ -180,6 +185,18 @@ class EdgeAgent:
         return self._append(
             self.scorer.readings(np.array([device_id]), np.array([ts_ms]), columns)
         )
+
+    def submit_dead_letter(self, dead: DeadLetter) -> bool:
+        """Store a rejected input message on ``mw/v1/deadletter/{reason}``, like any message.
+
+        Returns False if shutdown interrupted a wait for room (nothing was stored then).
+        """
+        message = OutgoingMessage(topics.dead_letter(dead.reason), encode(dead),
+                                  key=self.settings.gateway_id)
+        if not self._append([message]):
+            return False
+        self.dead_letters += 1
+        return True
 
     def offer_model(self, model: EdgeModel) -> None:
         """Serve ``model`` from the next :meth:`submit_block` or :meth:`submit_reading` on.
@@ -235,6 +252,7 @@ class EdgeAgent:
             "readings_in": self.readings_in,
             "messages_out": self.messages_out,
             "waits_for_room": self.waits_for_room,
+            "dead_letters": self.dead_letters,
             "readings_pending": self.batcher.pending,
             "readings_dropped": self.batcher.dropped + self.outbox.dropped_readings,
             **self.publisher.stats(),

@@ -4,12 +4,21 @@ The agent publishes to ``site_broker`` with the ``[edge]`` settings of the confi
 Inputs, any combination:
 
 - the OPC-UA servers of ``[[opcua]]`` (data-change subscriptions);
-With ``edge.model_dir`` set, closed feature windows are scored by that model, and the agent
-follows its retained model-announcement topic for updates (:mod:`edge_agent.model_updates`).
-
+- with ``edge.raw_input_url``, local devices publishing raw readings to the gateway's local
+  broker (:mod:`edge_agent.mqtt_input`); bad messages become dead letters in the outbox, and
+  a message is acknowledged to that broker only once its reading or dead letter is stored;
 - ``--simulate``: the in-process fleet simulator, keeping the readings of this gateway's
   devices (for demos and load tests; ``--speed`` paces it, else it runs flat out and the
   agent exits when the simulated days are over).
+
+OPC-UA and raw readings arrive on paho's and asyncua's threads and are queued; one loop hands
+them to the agent (:class:`Intake`). While raw messages wait for their acknowledgement, the
+loop writes pending readings each time the queue runs dry instead of waiting for
+``edge.batch_max_delay_s``: the local broker sends only a small window of unacknowledged
+messages.
+
+With ``edge.model_dir`` set, closed feature windows are scored by that model, and the agent
+follows its retained model-announcement topic for updates (:mod:`edge_agent.model_updates`).
 
 SIGTERM and Ctrl-C stop the inputs, write pending readings to the outbox, wait up to
 ``edge.shutdown_timeout_s`` for the outbox to drain, publish a clean death and exit 0.
@@ -37,6 +46,7 @@ from rich.table import Table
 from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.metrics import serve_metrics
 from edge_agent.model_updates import watch_models
+from edge_agent.mqtt_input import AckQueue, DeviceReading, InvalidMessage, MqttReadingInput
 from edge_agent.opcua_input import OpcUaInput, OpcUaReading
 from edge_agent.outbox import OutboxError
 from edge_agent.scoring import EdgeScorer
@@ -45,6 +55,8 @@ from models.edge.package import ModelPackageError, load_package
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
+Item = OpcUaReading | DeviceReading | InvalidMessage
+"""What the inputs queue for the agent."""
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -92,19 +104,23 @@ def run(args: argparse.Namespace) -> int:
         serve_metrics([agent], config.edge.metrics_port)
     watcher = (watch_models(agent, settings.broker_url, config.edge.model_staging_dir)
                if scorer is not None else None)
-    readings: queue.SimpleQueue[OpcUaReading] = queue.SimpleQueue()
+    readings: queue.SimpleQueue[Item] = queue.SimpleQueue()
     inputs = [OpcUaInput(server, readings.put) for server in config.opcua]
     for source in inputs:
         source.start()
+    raw = _raw_input(config, settings, readings)
+    intake = Intake(agent, raw.start() if raw is not None else None)
     started = time.monotonic()
     try:
-        _pump(agent, blocks, readings, stop)
+        _pump(agent, blocks, readings, intake, stop)
     finally:
         for source in inputs:
             source.stop()
         if watcher is not None:
             watcher.close()
-        _drain(agent, readings)
+        intake.drain(readings)
+        intake.close_raw()
+        intake.drain(readings)
         agent.stop_waiting()
         drained = agent.close(config.edge.shutdown_timeout_s)
     _print_summary(agent.final_stats, time.monotonic() - started, drained)
@@ -132,11 +148,11 @@ def agent_settings(config: Config) -> AgentSettings:
     )
 
 
-def _pump(agent: EdgeAgent, blocks: Iterator[Any] | None,
-          readings: queue.SimpleQueue[OpcUaReading], stop: threading.Event) -> None:
+def _pump(agent: EdgeAgent, blocks: Iterator[Any] | None, readings: queue.SimpleQueue[Item],
+          intake: Intake, stop: threading.Event) -> None:
     """Move input into the agent until stopped, or until the simulated run is over."""
     while not stop.is_set():
-        busy = _drain(agent, readings) > 0
+        busy = intake.drain(readings) > 0
         if blocks is not None:
             block = next(blocks, None)
             if block is None:
@@ -144,24 +160,89 @@ def _pump(agent: EdgeAgent, blocks: Iterator[Any] | None,
             agent.submit_block(block)
             busy = True
         agent.tick()
+        intake.settle()
         if not busy:
             stop.wait(IDLE_WAIT_S)
 
 
-def _drain(agent: EdgeAgent, readings: queue.SimpleQueue[OpcUaReading]) -> int:
-    """Hand queued OPC-UA readings to the agent; a reading the contract refuses is logged."""
-    count = 0
-    while True:
+class Intake:
+    """Hand queued readings to the agent; acknowledge raw MQTT messages once they are stored.
+
+    Readings enter the agent's batcher, which writes them to the outbox in arrival order, so
+    ``submitted - agent.batcher.pending`` readings are stored at any time; each raw message
+    waits in an :class:`AckQueue` for its reading's turn. Invalid raw messages become dead
+    letters, stored at once. A raw message that arrives after :meth:`close_raw` is left
+    unacknowledged for the broker to send again at the next start.
+    """
+
+    def __init__(self, agent: EdgeAgent, raw: MqttReadingInput | None) -> None:
+        self.agent = agent
+        self.raw = raw
+        self.acks = AckQueue(raw.ack) if raw is not None else None
+        self.submitted = 0
+        self._raw_closed = False
+
+    def drain(self, readings: queue.SimpleQueue[Item]) -> int:
+        """Hand every queued item to the agent; returns how many there were."""
+        count = 0
+        while True:
+            try:
+                item = readings.get_nowait()
+            except queue.Empty:
+                return count
+            count += 1
+            if isinstance(item, OpcUaReading):
+                self._opcua(item)
+            elif not self._raw_closed:
+                self._raw(item)
+
+    def settle(self) -> None:
+        """Write readings that raw messages wait for, then acknowledge what is stored."""
+        if self.acks is None or not self.acks.waiting:
+            return
+        self.agent.batcher.flush()
+        self.acks.release(self.submitted - self.agent.batcher.pending)
+
+    def close_raw(self) -> None:
+        """Store and acknowledge what the raw input delivered, then disconnect it."""
+        if self.raw is None:
+            return
+        self.settle()
+        self._raw_closed = True
+        self.raw.stop()
+
+    def _opcua(self, reading: OpcUaReading) -> None:
         try:
-            reading = readings.get_nowait()
-        except queue.Empty:
-            return count
-        try:
-            agent.submit_reading(reading.device_id, reading.ts_ms,
-                                 {reading.metric: reading.value})
+            self.agent.submit_reading(reading.device_id, reading.ts_ms,
+                                      {reading.metric: reading.value})
         except ValidationError as exc:
             log.warning("dropped OPC-UA reading of node %s: %s", reading.node_id, exc)
-        count += 1
+            return
+        self.submitted += 1
+
+    def _raw(self, item: DeviceReading | InvalidMessage) -> None:
+        assert self.raw is not None  # only the raw input queues these
+        assert self.acks is not None
+        if isinstance(item, DeviceReading):
+            # valid already: RawReading and the topic check what Reading checks
+            self.agent.submit_reading(item.device_id, item.ts_ms, item.metrics, item.quality)
+            self.submitted += 1
+        elif not self.agent.submit_dead_letter(self.raw.dead_letter(item)):
+            return  # shutdown interrupted a wait for room: the broker sends it again
+        self.acks.after(item.delivery, readings=self.submitted)
+
+
+def _raw_input(config: Config, settings: AgentSettings,
+               readings: queue.SimpleQueue[Item]) -> MqttReadingInput | None:
+    """The raw device input of ``edge.raw_input_url`` (None when unset), not started."""
+    edge = config.edge
+    if edge.raw_input_url is None:
+        return None
+    return MqttReadingInput(
+        edge.raw_input_url, site=settings.site, gateway_id=settings.gateway_id,
+        on_reading=readings.put, on_invalid=readings.put, protocol=edge.raw_input_protocol,
+        session_expiry_s=edge.raw_input_session_expiry_s,
+    )
 
 
 def _scorer(config: Config, settings: AgentSettings) -> EdgeScorer | None:
@@ -204,7 +285,7 @@ def _on_signals(stop: threading.Event, agent: EdgeAgent) -> None:
 
 def _print_summary(stats: dict[str, int | float], elapsed: float, drained: bool) -> None:
     table = Table("what", "value", title="edge agent")
-    for key in ("readings_in", "messages_out", "acked", "resent", "reconnects",
+    for key in ("readings_in", "messages_out", "dead_letters", "acked", "resent", "reconnects",
                 "queue_depth", "readings_dropped"):
         table.add_row(key, f"{stats.get(key, 0):,}")
     table.add_row("elapsed", f"{elapsed:.1f} s")

@@ -46,6 +46,7 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "resent": ("resent", True, "Messages sent again after a reconnect"),
     "rejected": ("rejected", True, "PUBACKs with a failure reason code"),
     "dead_lettered": ("dead_lettered", True, "Messages refused for good, kept aside"),
+    "dead_letters": ("input_dead_letters", True, "Input messages that broke the contract"),
     "reconnects": ("reconnects", True, "Successful broker reconnections"),
     "connect_failures": ("connect_failures", True, "Failed broker connection attempts"),
     "connected": ("connected", False, "1 while the broker connection is up"),

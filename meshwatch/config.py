@@ -249,6 +249,9 @@ class EdgeConfig(_Section):
     model_dir: Path | None = None
     model_staging_dir: Path = Path("edge-models")
     alert_threshold: float = Field(0.8, gt=0, le=1)
+    raw_input_url: str | None = None
+    raw_input_protocol: Literal["5", "3.1.1"] = "5"
+    raw_input_session_expiry_s: int = Field(7 * 24 * 3600, ge=60, le=2**32 - 1)
 
     @field_validator("site", "gateway_id")
     @classmethod
@@ -257,6 +260,15 @@ class EdgeConfig(_Section):
             msg = f"{value!r} must be 1 to 64 letters, digits or _.:- (it is a topic level)"
             raise ValueError(msg)
         return value
+
+    @field_validator("raw_input_url")
+    @classmethod
+    def _local_mqtt(cls, url: str | None) -> str | None:
+        if url is not None and (urlsplit(url).scheme != "mqtt" or not urlsplit(url).hostname):
+            msg = (f"raw_input_url must look like mqtt://[user:password@]host:1883 (the"
+                   f" gateway's local broker), got {mask_url(url)!r}")
+            raise ValueError(msg)
+        return url
 
 
 class Config(BaseSettings):

@@ -15,6 +15,8 @@ from meshwatch.contract import (
     EdgeScore,
     Feedback,
     ModelAnnouncement,
+    QualityFlag,
+    RawReading,
     Reading,
     Reason,
     TelemetryBatch,
@@ -219,6 +221,8 @@ def test_every_event_type_round_trips_through_decode_event() -> None:
         Feedback(work_order_id="wo-1", alert_ids=["a1"], outcome="false_alarm", ts_ms=t),
         ModelAnnouncement(model_id="edge-rf", version="4", url="file:///models/4/model.onnx",
                           sha256="0" * 64, ts_ms=t),
+        RawReading(ts_ms=t, metrics={"flow_lpm": 1.5, "battery_v": 3.6},
+                   quality=[QualityFlag.BATTERY_LOW]),
         DeadLetter(reason="malformed_json", detail="payload: EOF", payload_b64="e30=",
                    received_ms=t, source_topic="mw/v1/site/dma-01/gw/gw-01/telemetry"),
     ]

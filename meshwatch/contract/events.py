@@ -305,6 +305,22 @@ class ModelAnnouncement(_Event):
     ts_ms: EpochMs
 
 
+class RawReading(_Event):
+    """One reading a local device publishes on its gateway's ``site_raw`` topic.
+
+    It carries neither device id nor seq: the device is the last level of the topic, and the
+    edge agent assigns the seq when it accepts the reading.
+
+    >>> RawReading(ts_ms=1767225600000, metrics={"flow_lpm": 0.8}).type
+    'raw_reading'
+    """
+
+    type: Literal["raw_reading"] = "raw_reading"
+    ts_ms: EpochMs
+    metrics: Annotated[dict[MetricName, FiniteFloat], Field(min_length=1, max_length=64)]
+    quality: tuple[QualityFlag, ...] = ()
+
+
 class DeadLetter(_Event):
     """A message that could not be accepted, kept with its reason and source."""
 
@@ -320,12 +336,12 @@ class DeadLetter(_Event):
 
 Event = Annotated[
     TelemetryBatch | EdgeScore | DeviceStatus | Alert | WorkOrderEvent | Feedback
-    | ModelAnnouncement | DeadLetter,
+    | ModelAnnouncement | RawReading | DeadLetter,
     Field(discriminator="type"),
 ]
 """Any event, told apart by its ``type`` field."""
 
 EVENT_TYPES: tuple[type[BaseModel], ...] = (
     TelemetryBatch, EdgeScore, DeviceStatus, Alert, WorkOrderEvent, Feedback,
-    ModelAnnouncement, DeadLetter,
+    ModelAnnouncement, RawReading, DeadLetter,
 )
