@@ -187,11 +187,17 @@ class EdgeAgent:
         )
 
     def submit_dead_letter(self, dead: DeadLetter) -> bool:
-        """Store a rejected input message on ``mw/v1/deadletter/{reason}``, like any message.
+        """Store a rejected input message on the gateway's dead-letter topic, like any message.
+
+        The topic is ``mw/v1/site/{site}/gw/{gateway}/deadletter/{reason}``: under the
+        gateway's own prefix, which is all its broker account may publish to; the bridge
+        forwards dead letters into the mesh.
 
         Returns False if shutdown interrupted a wait for room (nothing was stored then).
         """
-        message = OutgoingMessage(topics.dead_letter(dead.reason), encode(dead),
+        topic = topics.build("site_dead_letter", site=self.settings.site,
+                             gateway=self.settings.gateway_id, reason=dead.reason)
+        message = OutgoingMessage(topic, encode(dead),
                                   key=self.settings.gateway_id)
         if not self._append([message]):
             return False

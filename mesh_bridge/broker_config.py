@@ -16,9 +16,9 @@ file                   contents
 Who may do what (every rule comes from the topic contract, so the ACL follows it):
 
 - a **gateway** publishes only its own ``site_telemetry``, ``site_scores``, ``site_alerts``,
-  ``site_status`` and ``site_raw`` topics, and reads only its own ``site_model`` and
-  ``site_raw`` topics; it can never publish a model announcement, nor anything of another
-  gateway;
+  ``site_status``, ``site_raw`` and ``site_dead_letter`` topics, and reads only its own
+  ``site_model`` and ``site_raw`` topics; it can never publish a model announcement, nor
+  anything of another gateway;
 - **bridge** reads every site topic, writes the mesh partitions and dead letters;
 - **dataflow** reads the mesh partitions and feedback, writes alerts and dead letters;
 - **remediation** reads alerts, writes feedback;
@@ -33,6 +33,7 @@ topic write mw/v1/site/dma-01/gw/gw-1/scores
 topic write mw/v1/site/dma-01/gw/gw-1/alerts
 topic write mw/v1/site/dma-01/gw/gw-1/status
 topic write mw/v1/site/dma-01/gw/gw-1/raw/+
+topic write mw/v1/site/dma-01/gw/gw-1/deadletter/+
 topic read mw/v1/site/dma-01/gw/gw-1/model
 topic read mw/v1/site/dma-01/gw/gw-1/raw/+
 <BLANKLINE>
@@ -110,7 +111,8 @@ SERVICE_ROLES = ("bridge", "dataflow", "remediation", "models")
 DEFAULT_SERVICE_ROLES = ("bridge", "dataflow", "remediation")
 
 _SITE_KINDS = tuple(kind for kind in TEMPLATES if kind.startswith("site_"))
-_GATEWAY_WRITES = ("site_telemetry", "site_scores", "site_alerts", "site_status", "site_raw")
+_GATEWAY_WRITES = ("site_telemetry", "site_scores", "site_alerts", "site_status", "site_raw",
+                   "site_dead_letter")
 _GATEWAY_READS = ("site_model", "site_raw")
 _EXPIRATION = re.compile(r"^[1-9][0-9]*[hdwmy]$")
 _CREDENTIAL_COLUMNS = ("username", "password", "role", "site")

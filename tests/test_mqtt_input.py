@@ -144,7 +144,7 @@ def _wait_delivered(ledger: Ledger, devices: Devices) -> None:
 @pytest.fixture
 def ledger(mosquitto: Mosquitto) -> Ledger:
     ledger = Ledger(mosquitto, "ledger-raw", topics.subscription("site_telemetry"),
-                    topics.subscription("dead_letter"))
+                    topics.subscription("site_dead_letter", site=SITE, gateway=GATEWAY))
     yield ledger
     ledger.close()
 

@@ -4,21 +4,22 @@ All topics start with ``mw/v1``. Ids used as topic levels must match
 :data:`meshwatch.contract.events.ID_PATTERN`, so they never contain ``/``,
 ``+`` or ``#``.
 
-===============================================  ==============================================
-topic                                            carries
-===============================================  ==============================================
-``mw/v1/site/{site}/gw/{gateway}/telemetry``     TelemetryBatch, gateway → site broker
-``mw/v1/site/{site}/gw/{gateway}/scores``        EdgeScore, from the edge model
-``mw/v1/site/{site}/gw/{gateway}/alerts``        Alert raised at the edge
-``mw/v1/site/{site}/gw/{gateway}/status``        DeviceStatus (retained: birth/death/heartbeat)
-``mw/v1/site/{site}/gw/{gateway}/model``         ModelAnnouncement for that gateway (retained)
-``mw/v1/site/{site}/gw/{gateway}/raw/{device}``  RawReading, a local device → its gateway
-``mw/v1/mesh/telemetry/{partition}``             TelemetryBatch in the cloud mesh, by partition
-``mw/v1/mesh/scores/{partition}``                EdgeScore in the cloud mesh, by partition
-``mw/v1/alerts/{district}/{kind}``               Alert from the dataflows
-``mw/v1/feedback/{district}``                    Feedback from remediation
-``mw/v1/deadletter/{reason}``                    DeadLetter
-===============================================  ==============================================
+======================================================  ============================================
+topic                                                   carries
+======================================================  ============================================
+``mw/v1/site/{site}/gw/{gateway}/telemetry``            TelemetryBatch, gateway → site broker
+``mw/v1/site/{site}/gw/{gateway}/scores``               EdgeScore, from the edge model
+``mw/v1/site/{site}/gw/{gateway}/alerts``               Alert raised at the edge
+``mw/v1/site/{site}/gw/{gateway}/status``               DeviceStatus, retained: birth/death/beat
+``mw/v1/site/{site}/gw/{gateway}/model``                ModelAnnouncement for the gateway, retained
+``mw/v1/site/{site}/gw/{gateway}/raw/{device}``         RawReading, a local device → its gateway
+``mw/v1/site/{site}/gw/{gateway}/deadletter/{reason}``  DeadLetter of the gateway's own input
+``mw/v1/mesh/telemetry/{partition}``                    TelemetryBatch, cloud mesh, by partition
+``mw/v1/mesh/scores/{partition}``                       EdgeScore, cloud mesh, by partition
+``mw/v1/alerts/{district}/{kind}``                      Alert from the dataflows
+``mw/v1/feedback/{district}``                           Feedback from remediation
+``mw/v1/deadletter/{reason}``                           DeadLetter
+======================================================  ============================================
 
 >>> site_telemetry("dma-01", "gw-07")
 'mw/v1/site/dma-01/gw/gw-07/telemetry'
@@ -49,6 +50,7 @@ TEMPLATES: dict[str, str] = {
     "site_status": PREFIX + "/site/{site}/gw/{gateway}/status",
     "site_model": PREFIX + "/site/{site}/gw/{gateway}/model",
     "site_raw": PREFIX + "/site/{site}/gw/{gateway}/raw/{device}",
+    "site_dead_letter": PREFIX + "/site/{site}/gw/{gateway}/deadletter/{reason}",
     "mesh_telemetry": PREFIX + "/mesh/telemetry/{partition}",
     "mesh_scores": PREFIX + "/mesh/scores/{partition}",
     "alerts": PREFIX + "/alerts/{district}/{kind}",
