@@ -24,9 +24,12 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-bench: $(VENV)/.dev-installed
+bench: $(VENV)/.dev-installed servers
 	$(BIN)/python bench/bench_contract.py
 	$(BIN)/python bench/bench_simulator.py
+	$(BIN)/python bench/bench_edge_inference.py
+	$(BIN)/python bench/bench_edge_agent.py
+	$(BIN)/python bench/bench_bridge_core.py
 
 # Install the Debian packages of the servers the tests run, when any is missing.
 servers:
