@@ -138,11 +138,13 @@ def service_access(role: str) -> Access:
     """
     if role == "bridge":
         return Access(
-            read=tuple(subscription(kind) for kind in _SITE_KINDS),
+            read=(*(subscription(kind) for kind in _SITE_KINDS),
+                  subscription("bridge_heartbeat")),
             write=(
                 subscription("mesh_telemetry"),
                 subscription("mesh_scores"),
                 subscription("dead_letter"),
+                subscription("bridge_heartbeat"),
             ),
         )
     if role == "dataflow":

@@ -7,6 +7,9 @@ Which topic kinds are bridged:
   and ``sent_ms``; readings in their input order, so per-device order holds in a partition).
 - ``site_status``: decoded as a :class:`DeviceStatus` and applied to :class:`Identity` (births
   grant devices, deaths release them); consumed, not forwarded.
+- ``site_dead_letter``: a gateway's own dead letter, decoded as a :class:`DeadLetter` and
+  forwarded unchanged to ``dead_letter(reason)``, the reason being the topic's level (the
+  broker's ACL vouches for the topic); counted in ``Counts.dead_letters`` under that reason.
 - anything else (scores, alerts, model, raw, mesh topics...): dead-lettered as ``not_bridged``.
 
 Checks on a telemetry batch, in order; each reading ends in exactly one of forwarded,
@@ -148,6 +151,8 @@ class Router:
             self._telemetry(routed, incoming, topic.params)
         elif topic.kind == "site_status":
             self._status(routed, incoming, topic.params)
+        elif topic.kind == "site_dead_letter":
+            self._site_dead_letter(routed, incoming, topic.params["reason"])
         else:
             detail = f"topic kind {topic.kind} is not bridged; subscribe to telemetry and status"
             self._reject(routed, incoming, BridgeReason.NOT_BRIDGED, detail)
@@ -244,6 +249,15 @@ class Router:
             claims = self.identity.observe(status)
             routed.counts.status_applied = 1
             routed.counts.claims_refused = len(claims.refused)
+
+    def _site_dead_letter(self, routed: Routed, incoming: Incoming, reason: str) -> None:
+        try:
+            decode(incoming.payload, DeadLetter)
+        except ContractError as exc:
+            self._reject(routed, incoming, exc.reason, exc.detail)
+            return
+        routed.messages.append(Message(topics.dead_letter(reason), incoming.payload))
+        routed.counts.dead_letters[reason] += 1
 
     def _same_gateway(
         self, routed: Routed, incoming: Incoming, site: str, gateway_id: str,

@@ -281,3 +281,19 @@ def test_fuzzing_covered_at_least_10000_payloads() -> None:
     if next(fuzzed) == 0:
         pytest.skip("run together with the fuzz test above (it counts the payloads)")
     assert next(fuzzed) >= 10_000
+
+
+def test_site_dead_letter_is_forwarded_unchanged_under_its_reason() -> None:
+    letter = DeadLetter(reason="malformed_json", detail="bad", payload_b64="e30=",
+                        received_ms=T0)
+    topic = topics.build("site_dead_letter", site="s1", gateway="gw-ok", reason="malformed_json")
+    routed = router().route(Incoming(topic, encode(letter), T0 + 5))
+    assert routed.messages == [(topics.dead_letter("malformed_json"), encode(letter))]
+    assert routed.counts.dead_letters == {"malformed_json": 1}
+    assert routed.counts.balanced
+
+
+def test_site_dead_letter_that_is_not_one_is_dead_lettered() -> None:
+    topic = topics.build("site_dead_letter", site="s1", gateway="gw-ok", reason="x")
+    routed = router().route(Incoming(topic, b'{"type": "telemetry"}', T0 + 5))
+    assert [x.reason for x in letters(routed)] == ["wrong_type"]

@@ -19,6 +19,7 @@ topic                                                   carries
 ``mw/v1/alerts/{district}/{kind}``                      Alert from the dataflows
 ``mw/v1/feedback/{district}``                           Feedback from remediation
 ``mw/v1/deadletter/{reason}``                           DeadLetter
+``mw/v1/bridge/{bridge}/heartbeat``                     a bridge's end-to-end liveness probe
 ======================================================  ============================================
 
 >>> site_telemetry("dma-01", "gw-07")
@@ -56,6 +57,7 @@ TEMPLATES: dict[str, str] = {
     "alerts": PREFIX + "/alerts/{district}/{kind}",
     "feedback": PREFIX + "/feedback/{district}",
     "dead_letter": PREFIX + "/deadletter/{reason}",
+    "bridge_heartbeat": PREFIX + "/bridge/{bridge}/heartbeat",
 }
 
 

@@ -1,0 +1,262 @@
+"""The bridge service against two real mosquitto brokers (site and cloud), with faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from mqtt_ledger import Ledger, wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+from servers import Mosquitto, free_port
+
+from edge_agent.publisher import parse_broker_url
+from mesh_bridge.command import serve_healthz
+from mesh_bridge.identity import Identity
+from mesh_bridge.route import Router
+from mesh_bridge.shell import Bridge, BridgeSettings
+from meshwatch.contract import (
+    DeadLetter,
+    DeviceStatus,
+    Reading,
+    TelemetryBatch,
+    encode,
+    topics,
+)
+from meshwatch.registry import COLUMNS, Registry
+
+T0 = 1_767_225_600_000
+P = 4
+GATEWAYS = [f"gw-{g}" for g in range(3)]
+DEVICES = {gw: [f"{gw}-m{d}" for d in range(5)] for gw in GATEWAYS}
+EXPECT_WAIT_S = 30.0
+
+Outgoing = tuple[str, bytes]
+
+
+class TopicLedger(Ledger):
+    """A ledger that also keeps (topic, event) pairs, to check partitions and dead letters."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.by_topic: list[tuple[str, object]] = []
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        super()._on_message(client, userdata, msg)
+        with self._lock:
+            self.by_topic.append((msg.topic, self.events[-1]))
+
+
+def birth(gw: str) -> Outgoing:
+    status = DeviceStatus(site="s1", gateway_id=gw, state="birth", sent_ms=T0,
+                          devices=DEVICES[gw])
+    return topics.site_status("s1", gw), encode(status)
+
+
+def telemetry(gw: str, seq: int, devices: list[str] | None = None) -> Outgoing:
+    readings = [Reading(device_id=d, ts_ms=T0 + seq * 1000, seq=seq, metrics={"flow_lpm": 1.0})
+                for d in (devices or DEVICES[gw])]
+    batch = TelemetryBatch(site="s1", gateway_id=gw, sent_ms=T0 + seq * 1000, readings=readings)
+    return topics.site_telemetry("s1", gw), encode(batch)
+
+
+def expected(seqs: range) -> set[tuple[str, int]]:
+    return {(d, s) for gw in GATEWAYS for d in DEVICES[gw] for s in seqs}
+
+
+def stream(seqs: range) -> list[Outgoing]:
+    return [telemetry(gw, seq) for seq in seqs for gw in GATEWAYS]
+
+
+class SitePublisher:
+    """A QoS1 publisher on the site broker that waits for each PUBACK."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="site-pub")
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def send(self, messages: list[Outgoing], pause_s: float = 0.0) -> None:
+        for topic, payload in messages:
+            self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+            if pause_s:
+                time.sleep(pause_s)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
+    base = tmp_path / "cloud"
+    base.mkdir()
+    with Mosquitto(base) as server:
+        yield server
+
+
+@pytest.fixture
+def site_pub(mosquitto: Mosquitto) -> Iterator[SitePublisher]:
+    publisher = SitePublisher(mosquitto)
+    yield publisher
+    publisher.close()
+
+
+def settings(site: Mosquitto, cloud: Mosquitto, **overrides: object) -> BridgeSettings:
+    values: dict[str, object] = {"client_id": "bridge-t", "max_in_flight": 20,
+                                 "heartbeat_s": 0.2, "healthy_within_s": 1.0,
+                                 "reconnect_max_s": 1.0, "connect_timeout_s": 2.0}
+    return BridgeSettings(site=parse_broker_url(site.url), cloud=parse_broker_url(cloud.url),
+                          **(values | overrides))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def bridge(mosquitto: Mosquitto, cloud: Mosquitto) -> Iterator[Bridge]:
+    service = Bridge(settings(mosquitto, cloud), Router(Identity(Registry([])), partitions=P))
+    service.start()
+    assert service.site.subscribed.wait(10), "the bridge did not subscribe on the site broker"
+    yield service
+    service.stop(5)
+
+
+def mesh_ledger(cloud: Mosquitto) -> TopicLedger:
+    return TopicLedger(cloud, "cloud-ledger", topics.subscription("mesh_telemetry"),
+                       topics.subscription("dead_letter"))
+
+
+def test_valid_telemetry_is_partitioned_and_garbage_dead_lettered(
+    bridge: Bridge, cloud: Mosquitto, site_pub: SitePublisher,
+) -> None:
+    ledger = mesh_ledger(cloud)
+    site_pub.send([birth(gw) for gw in GATEWAYS])
+    letter = DeadLetter(reason="malformed_json", detail="x", payload_b64="", received_ms=T0)
+    garbage: list[Outgoing] = [
+        (topics.site_telemetry("s1", "gw-0"), b"{nope"),
+        telemetry("gw-1", 999, devices=["gw-0-m0"]),  # another gateway's device
+        (topics.site_status("s1", "gw-2"), b'{"type": "status"}'),
+        (topics.build("site_dead_letter", site="s1", gateway="gw-2", reason="malformed_json"),
+         encode(letter)),
+    ]
+    messages = stream(range(1, 21))
+    for i, bad in enumerate(garbage):  # interleaved with the valid stream
+        messages.insert(10 * i + 5, bad)
+    site_pub.send(messages)
+    want = expected(range(1, 21))
+    ledger.wait_for(want, EXPECT_WAIT_S)
+    wait_until(lambda: len(ledger.by_topic) >= len(stream(range(1, 21))), what="dead letters")
+    time.sleep(0.3)  # anything extra (a wrongly forwarded spoof) would arrive by now
+    ledger.close()
+
+    assert ledger.received() == want  # the spoofed reading (gw-0-m0, 999) is not forwarded
+    for topic, event in ledger.by_topic:
+        if isinstance(event, TelemetryBatch):
+            assert {topics.partition_of(r.device_id, P) for r in event.readings} == {
+                int(topic.rsplit("/", 1)[1])}, topic
+    reasons = sorted(t.rsplit("/", 1)[1] for t, e in ledger.by_topic if isinstance(e, DeadLetter))
+    assert reasons == ["malformed_json", "malformed_json", "missing_field", "unauthorized_device"]
+    wait_until(lambda: bridge.in_flight == 0, what="every site message acknowledged")
+    acked = bridge.metrics.site_acked._value.get()
+    assert acked == len(messages) + len(GATEWAYS)
+
+
+def test_cloud_broker_restart_loses_nothing(
+    bridge: Bridge, cloud: Mosquitto, site_pub: SitePublisher,
+) -> None:
+    ledger = mesh_ledger(cloud)
+    site_pub.send([birth(gw) for gw in GATEWAYS])
+    sender = threading.Thread(target=site_pub.send, args=(stream(range(1, 201)), 0.002))
+    sender.start()
+    wait_until(lambda: len(ledger.received()) > 100, what="some readings before the restart")
+    cloud.restart()
+    sender.join()
+    ledger.wait_for(expected(range(1, 201)), EXPECT_WAIT_S)
+    ledger.close()
+    assert bridge.cloud.connected
+
+
+def write_config(path: Path, site: Mosquitto, cloud: Mosquitto) -> Path:
+    rows = [",".join(COLUMNS)] + [f"{d},customer_meter,,false,s1,dma-01,{gw},900,,"
+                                  for gw in GATEWAYS for d in DEVICES[gw]]
+    (path / "registry.csv").write_text("\n".join(rows) + "\n")
+    path.joinpath("bridge.toml").write_text(
+        f'log_level = "INFO"\n[site_broker]\nurl = "{site.url}"\nclient_id = "bridge-p"\n'
+        f'[mesh_broker]\nurl = "{cloud.url}"\n[mesh]\npartitions = {P}\n'
+        f'[registry]\nfile = "{path / "registry.csv"}"\n')
+    return path / "bridge.toml"
+
+
+def spawn(config: Path, healthz: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "meshwatch.cli", "bridge", "--config", str(config),
+             "--healthz-port", str(healthz), "--heartbeat-s", "0.2", "--reconnect-max-s", "1"],
+            stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+
+def healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def test_kill_9_and_restart_loses_nothing(
+    mosquitto: Mosquitto, cloud: Mosquitto, site_pub: SitePublisher, tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, mosquitto, cloud)
+    log, port = tmp_path / "bridge.log", free_port()
+    ledger = mesh_ledger(cloud)
+    proc = spawn(config, port, log)
+    probe = 0
+    while not ledger.received():  # the session exists once a probe gets through
+        probe += 1
+        site_pub.send([telemetry("gw-0", probe)])
+        time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()
+    proc.kill()  # SIGKILL while idle: what is sent now queues in the bridge's session
+    proc.wait()
+    sent = range(probe + 1, probe + 1001)
+    want = expected(sent)
+    site_pub.send(stream(sent))
+    proc = spawn(config, port, log)
+    wait_until(lambda: len(ledger.received() & want) > 300, what="the backlog to start")
+    proc.kill()  # SIGKILL mid-drain, with site messages held for PUBACKs
+    proc.wait()
+    assert not want <= ledger.received(), "killed too late: the backlog was already drained"
+    proc = spawn(config, port, log)
+    try:
+        ledger.wait_for(expected(sent), EXPECT_WAIT_S)
+        wait_until(lambda: healthz(port) == 200, what="healthy after the restart")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(20)
+        ledger.close()
+    assert code == 0, log.read_text()[-3000:]
+
+
+def test_healthz_follows_the_cloud_broker(bridge: Bridge, cloud: Mosquitto) -> None:
+    port = free_port()
+    server = serve_healthz(bridge.liveness, port, host="127.0.0.1")
+    try:
+        wait_until(lambda: healthz(port) == 200, what="healthy")
+        cloud.stop()
+        down = time.monotonic()
+        wait_until(lambda: healthz(port) == 503, what="unhealthy with the cloud broker down")
+        took = time.monotonic() - down
+        assert took >= bridge.settings.healthy_within_s - 0.3  # not before N seconds
+        cloud.start()
+        wait_until(lambda: healthz(port) == 200, what="healthy again")
+    finally:
+        server.shutdown()
