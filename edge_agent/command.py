@@ -51,13 +51,13 @@ from edge_agent.opcua_input import OpcUaInput, OpcUaReading
 from edge_agent.outbox import OutboxError
 from edge_agent.scoring import EdgeScorer
 from meshwatch.config import Config, ConfigError, load_config
+from meshwatch.logs import configure_logging
 from models.edge.package import ModelPackageError, load_package
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
 Item = OpcUaReading | DeviceReading | InvalidMessage
 """What the inputs queue for the agent."""
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,10 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the agent; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     err = Console(stderr=True)
     try:
         config = load_config(args.config)
+        configure_logging(config.log_level)
         settings = agent_settings(config)
         blocks = _simulated_blocks(args, settings) if args.simulate else None
     except (ConfigError, ValueError) as exc:

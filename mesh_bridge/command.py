@@ -29,10 +29,10 @@ from mesh_bridge.identity import Identity
 from mesh_bridge.route import Router
 from mesh_bridge.shell import Bridge, BridgeSettings, Liveness
 from meshwatch.config import BrokerConfig, Config, ConfigError, load_config
+from meshwatch.logs import configure_logging
 from meshwatch.registry import Registry, RegistryError, load_registry
 
 log = logging.getLogger(__name__)
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,10 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the bridge; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     err = Console(stderr=True)
     try:
         config = load_config(args.config)
+        configure_logging(config.log_level)
         settings = bridge_settings(config, args)
         registry = _registry(config)
     except (ConfigError, RegistryError, ValueError) as exc:
