@@ -159,11 +159,7 @@ class OpcUaNodeConfig(_Section):
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, device_id: str) -> str:
-        if not re.fullmatch(ID_PATTERN, device_id):
-            msg = (f"device_id {device_id!r} must be 1 to 64 letters, digits or _.:- "
-                   "starting with a letter or digit")
-            raise ValueError(msg)
-        return device_id
+        return _topic_level(device_id)
 
     @field_validator("metric")
     @classmethod
@@ -256,10 +252,7 @@ class EdgeConfig(_Section):
     @field_validator("site", "gateway_id")
     @classmethod
     def _topic_safe(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(ID_PATTERN, value):
-            msg = f"{value!r} must be 1 to 64 letters, digits or _.:- (it is a topic level)"
-            raise ValueError(msg)
-        return value
+        return None if value is None else _topic_level(value)
 
     @field_validator("raw_input_url")
     @classmethod
@@ -299,6 +292,15 @@ class Config(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Environment first, then the keyword arguments, which carry the TOML file."""
         return (env_settings, init_settings)
+
+
+def _topic_level(value: str) -> str:
+    """``value`` if it is a valid id (ids are MQTT topic levels), else a clear ``ValueError``."""
+    if not re.fullmatch(ID_PATTERN, value):
+        msg = (f"{value!r} must be 1 to 64 letters, digits or _.:- starting with a letter or"
+               " digit (it is an MQTT topic level)")
+        raise ValueError(msg)
+    return value
 
 
 def load_config(path: Path | str | None) -> Config:
