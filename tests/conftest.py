@@ -29,6 +29,15 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 @pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A second mosquitto, the cloud broker, for tests of what crosses two brokers."""
+    base = tmp_path / "cloud"
+    base.mkdir()
+    with Mosquitto(base) as server:
+        yield server
+
+
+@pytest.fixture
 def victoria_metrics(tmp_path: Path) -> Iterator[VictoriaMetrics]:
     """A running, empty VictoriaMetrics; ``.url`` takes Influx line protocol and PromQL."""
     with VictoriaMetrics(tmp_path) as server:

@@ -19,14 +19,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
+from bridge_support import DEVICES, GATEWAYS, SITE, P, healthz, write_config
 from mqtt_ledger import Ledger, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from servers import Mosquitto, free_port
@@ -45,13 +42,9 @@ from meshwatch.contract import (
     encode,
     topics,
 )
-from meshwatch.registry import COLUMNS, Registry
+from meshwatch.registry import Registry
 
 T0 = 1_767_225_600_000
-P = 4
-SITE = "s1"
-GATEWAYS = [f"gw-{g}" for g in range(3)]
-DEVICES = {gw: [f"{gw}-m{d}" for d in range(5)] for gw in GATEWAYS}
 WAIT_S = 30.0
 
 Outgoing = tuple[str, bytes]
@@ -69,14 +62,6 @@ def batch(gw: str, seq: int, devices: list[str] | None = None,
 def telemetry(gw: str, seq: int) -> Outgoing:
     """The site topic and payload of ``batch(gw, seq)``."""
     return topics.site_telemetry(SITE, gw), encode(batch(gw, seq))
-
-
-@pytest.fixture
-def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
-    base = tmp_path / "cloud"
-    base.mkdir()
-    with Mosquitto(base) as server:
-        yield server
 
 
 class RetryingPublisher:
@@ -281,27 +266,6 @@ class FuzzPlan:
         self.spoofed_batches += 1
 
 
-def write_config(path: Path, site: Mosquitto, cloud: Mosquitto) -> Path:
-    """bridge.toml and registry.csv for the ``meshwatch bridge`` process."""
-    rows = [",".join(COLUMNS)] + [f"{d},customer_meter,,false,{SITE},dma-01,{gw},900,,"
-                                  for gw in GATEWAYS for d in DEVICES[gw]]
-    (path / "registry.csv").write_text("\n".join(rows) + "\n")
-    path.joinpath("bridge.toml").write_text(
-        f'log_level = "INFO"\n[site_broker]\nurl = "{site.url}"\nclient_id = "bridge-fuzz"\n'
-        f'[mesh_broker]\nurl = "{cloud.url}"\n[mesh]\npartitions = {P}\n'
-        f'[registry]\nfile = "{path / "registry.csv"}"\n')
-    return path / "bridge.toml"
-
-
-def healthz(port: int) -> int:
-    """The /healthz status code, 0 if nothing answers."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
-            return int(answer.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 class LetterLedger(Ledger):
@@ -326,7 +290,7 @@ class LetterLedger(Ledger):
 def test_fuzzing_the_live_bridge(mosquitto: Mosquitto, cloud: Mosquitto, tmp_path: Path) -> None:
     plan = FuzzPlan(seed=4)
     assert sum(plan.letters.values()) >= 10_000
-    config = write_config(tmp_path, mosquitto, cloud)
+    config = write_config(tmp_path, mosquitto, cloud, "bridge-fuzz")
     log, port = tmp_path / "bridge.log", free_port()
     ledger = LetterLedger(cloud, "fuzz-ledger", topics.subscription("mesh_telemetry"),
                           topics.subscription("dead_letter"))

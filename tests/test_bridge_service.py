@@ -8,13 +8,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from bridge_support import DEVICES, GATEWAYS, P, healthz, write_config
 from mqtt_ledger import Ledger, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from servers import Mosquitto, free_port
@@ -32,12 +31,9 @@ from meshwatch.contract import (
     encode,
     topics,
 )
-from meshwatch.registry import COLUMNS, Registry
+from meshwatch.registry import Registry
 
 T0 = 1_767_225_600_000
-P = 4
-GATEWAYS = [f"gw-{g}" for g in range(3)]
-DEVICES = {gw: [f"{gw}-m{d}" for d in range(5)] for gw in GATEWAYS}
 EXPECT_WAIT_S = 30.0
 
 Outgoing = tuple[str, bytes]
@@ -94,14 +90,6 @@ class SitePublisher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-@pytest.fixture
-def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
-    base = tmp_path / "cloud"
-    base.mkdir()
-    with Mosquitto(base) as server:
-        yield server
 
 
 @pytest.fixture
@@ -183,16 +171,6 @@ def test_cloud_broker_restart_loses_nothing(
     assert bridge.cloud.connected
 
 
-def write_config(path: Path, site: Mosquitto, cloud: Mosquitto) -> Path:
-    rows = [",".join(COLUMNS)] + [f"{d},customer_meter,,false,s1,dma-01,{gw},900,,"
-                                  for gw in GATEWAYS for d in DEVICES[gw]]
-    (path / "registry.csv").write_text("\n".join(rows) + "\n")
-    path.joinpath("bridge.toml").write_text(
-        f'log_level = "INFO"\n[site_broker]\nurl = "{site.url}"\nclient_id = "bridge-p"\n'
-        f'[mesh_broker]\nurl = "{cloud.url}"\n[mesh]\npartitions = {P}\n'
-        f'[registry]\nfile = "{path / "registry.csv"}"\n')
-    return path / "bridge.toml"
-
 
 def spawn(config: Path, healthz: int, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
@@ -202,20 +180,11 @@ def spawn(config: Path, healthz: int, log: Path) -> subprocess.Popen[bytes]:
             stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
 
-def healthz(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
-            return int(answer.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
-
 
 def test_kill_9_and_restart_loses_nothing(
     mosquitto: Mosquitto, cloud: Mosquitto, site_pub: SitePublisher, tmp_path: Path,
 ) -> None:
-    config = write_config(tmp_path, mosquitto, cloud)
+    config = write_config(tmp_path, mosquitto, cloud, "bridge-p")
     log, port = tmp_path / "bridge.log", free_port()
     ledger = mesh_ledger(cloud)
     proc = spawn(config, port, log)

@@ -1,0 +1,39 @@
+"""What the bridge tests share: the fleet they use, the bridge's config files, /healthz."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from servers import Mosquitto
+
+from meshwatch.registry import COLUMNS
+
+P = 4
+SITE = "s1"
+GATEWAYS = [f"gw-{g}" for g in range(3)]
+DEVICES = {gw: [f"{gw}-m{d}" for d in range(5)] for gw in GATEWAYS}
+
+
+def write_config(path: Path, site: Mosquitto, cloud: Mosquitto, client_id: str) -> Path:
+    """bridge.toml and registry.csv (every device of DEVICES) for a `meshwatch bridge` process."""
+    rows = [",".join(COLUMNS)] + [f"{d},customer_meter,,false,{SITE},dma-01,{gw},900,,"
+                                  for gw in GATEWAYS for d in DEVICES[gw]]
+    (path / "registry.csv").write_text("\n".join(rows) + "\n")
+    path.joinpath("bridge.toml").write_text(
+        f'log_level = "INFO"\n[site_broker]\nurl = "{site.url}"\nclient_id = "{client_id}"\n'
+        f'[mesh_broker]\nurl = "{cloud.url}"\n[mesh]\npartitions = {P}\n'
+        f'[registry]\nfile = "{path / "registry.csv"}"\n')
+    return path / "bridge.toml"
+
+
+def healthz(port: int) -> int:
+    """The /healthz status code, 0 if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
