@@ -1,0 +1,1 @@
+"""Anomaly detectors that follow river's contract (:mod:`.base`) and their calibration."""
