@@ -38,7 +38,7 @@ from servers import Mosquitto
 from edge_agent.publisher import parse_broker_url
 from mesh_bridge.identity import Identity
 from mesh_bridge.route import Router
-from mesh_bridge.shell import Bridge, BridgeSettings
+from mesh_bridge.shell import Bridge, BridgeSettings, SiteBroker
 from meshwatch.contract import Reading, TelemetryBatch, encode, topics
 from meshwatch.registry import Device, DeviceKind, Registry
 
@@ -46,7 +46,7 @@ T0 = 1_767_225_600_000
 SITE = "dma-01"
 READINGS = 100
 RELAY_TOPIC = "bench/relay"
-IN_FLIGHT = 100
+IN_FLIGHT = 500  # the bridge default (BridgeSettings.max_in_flight), for both consumers
 TIMEOUT_S = 60.0
 
 
@@ -178,8 +178,9 @@ class Relay:
 
 def bridge_settings(site: Mosquitto, cloud: Mosquitto) -> BridgeSettings:
     """The bridge's settings: defaults, but a long heartbeat so it does not add traffic."""
-    return BridgeSettings(site=parse_broker_url(site.url), cloud=parse_broker_url(cloud.url),
-                          client_id="bench-bridge", max_in_flight=IN_FLIGHT, heartbeat_s=5.0)
+    return BridgeSettings(sites=(SiteBroker(parse_broker_url(site.url)),),
+                          cloud=parse_broker_url(cloud.url), client_id="bench-bridge",
+                          max_in_flight=IN_FLIGHT, heartbeat_s=5.0)
 
 
 def make_bridge(site: Mosquitto, cloud: Mosquitto, gateways: int, partitions: int) -> Bridge:

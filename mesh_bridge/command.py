@@ -1,14 +1,17 @@
-"""``meshwatch bridge --config FILE``: bridge the site broker into the cloud mesh until stopped.
+"""``meshwatch bridge --config FILE``: bridge site brokers (and OPC-UA) into the cloud mesh.
 
-Reads ``site_broker`` (consumed with a persistent session and manual acknowledgement),
-``mesh_broker`` (published to at QoS1), ``mesh.partitions`` and ``registry.file`` (devices
-owned per gateway; without it only births grant devices). The delivery rules are in
+Reads ``[bridge]`` (see examples/meshwatch.toml), the site brokers (``bridge.site_brokers``,
+or ``[site_broker]`` when that list is empty; each consumed with a persistent session and
+manual acknowledgement), ``mesh_broker`` (published to at QoS1), ``mesh.partitions`` and
+``registry.file`` (devices owned per gateway; without it only births grant devices). With
+``bridge.opcua_site`` and ``bridge.opcua_gateway_id`` set it also subscribes to every
+``[[opcua]]`` server (:mod:`mesh_bridge.opcua_source`). The delivery rules are in
 :mod:`mesh_bridge.shell`.
 
-``--healthz-port`` serves ``GET /healthz``: 200 ``ok`` while a heartbeat or a forwarded
-message went through the cloud broker within ``--healthy-within-s``, else 503. ``--metrics-port``
-serves Prometheus metrics. SIGTERM and Ctrl-C stop consuming, wait up to
-``--shutdown-timeout-s`` for the PUBACKs of what is held, acknowledge it and exit 0.
+``bridge.healthz_port`` serves ``GET /healthz``: 200 ``ok`` while a heartbeat or a forwarded
+message went through the cloud broker within ``bridge.healthy_within_s``, else 503.
+``bridge.metrics_port`` serves Prometheus metrics. SIGTERM and Ctrl-C stop consuming, wait up
+to ``bridge.shutdown_timeout_s`` for the PUBACKs of what is held, acknowledge it and exit 0.
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ import argparse
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 
 from prometheus_client import start_http_server
 from rich.console import Console
+from rich.markup import escape
 
 from edge_agent.publisher import BrokerAddress, parse_broker_url
 from mesh_bridge.identity import Identity
 from mesh_bridge.route import Router
-from mesh_bridge.shell import Bridge, BridgeSettings, Liveness
+from mesh_bridge.shell import Bridge, BridgeSettings, Job, Liveness, SiteBroker, Source
 from meshwatch.config import BrokerConfig, Config, ConfigError, load_config
 from meshwatch.logs import configure_logging
 from meshwatch.registry import Registry, RegistryError, load_registry
@@ -36,22 +41,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``meshwatch bridge``."""
+    """Options of ``meshwatch bridge``: the config file says the rest (``[bridge]``)."""
     parser.add_argument("--config", type=Path, required=True, help="TOML configuration file")
-    parser.add_argument("--healthz-port", type=int, default=0,
-                        help="serve GET /healthz on this port (0: off)")
-    parser.add_argument("--metrics-port", type=int, default=0,
-                        help="serve Prometheus metrics on this port (0: off)")
-    parser.add_argument("--max-in-flight", type=int, default=100,
-                        help="site messages held unacknowledged at most (default 100)")
-    parser.add_argument("--heartbeat-s", type=float, default=5.0,
-                        help="seconds between end-to-end heartbeats (default 5)")
-    parser.add_argument("--healthy-within-s", type=float, default=15.0,
-                        help="healthy while something went through within this (default 15)")
-    parser.add_argument("--reconnect-max-s", type=float, default=10.0,
-                        help="longest wait between reconnection attempts (default 10)")
-    parser.add_argument("--shutdown-timeout-s", type=float, default=10.0,
-                        help="how long SIGTERM waits for outstanding PUBACKs (default 10)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,46 +51,70 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         configure_logging(config.log_level)
-        settings = bridge_settings(config, args)
+        settings = bridge_settings(config)
         registry = _registry(config)
+        if config.bridge.opcua_site is not None and not config.opcua:
+            msg = "bridge.opcua_site is set but there is no [[opcua]] server to read"
+            raise ValueError(msg)
     except (ConfigError, RegistryError, ValueError) as exc:
-        err.print(f"[red]cannot start the bridge:[/red] {exc}", highlight=False)
+        err.print(f"[red]cannot start the bridge:[/red] {escape(str(exc))}", highlight=False,
+                  soft_wrap=True)
         return 2
-    router = Router(Identity(registry), partitions=config.mesh.partitions)
-    bridge = Bridge(settings, router)
+    late_horizon_ms = int(config.bridge.late_horizon_s * 1000)
+    router = Router(Identity(registry), partitions=config.mesh.partitions,
+                    late_horizon_ms=late_horizon_ms)
+    bridge = Bridge(settings, router, extra_sources=_opcua_sources(config, settings))
     stop = threading.Event()
     _on_signals(stop)
-    if args.metrics_port:
-        start_http_server(args.metrics_port, registry=bridge.metrics.registry)
-    if args.healthz_port:
-        serve_healthz(bridge.liveness, args.healthz_port)
+    if config.bridge.metrics_port:
+        start_http_server(config.bridge.metrics_port, registry=bridge.metrics.registry)
+    if config.bridge.healthz_port:
+        serve_healthz(bridge.liveness, config.bridge.healthz_port)
     bridge.start()
-    log.info("bridging %s to %s in %d partitions", bridge.site.source,
+    log.info("bridging %s to %s in %d partitions",
+             ", ".join(source.name for source in bridge.sources),
              f"{settings.cloud.host}:{settings.cloud.port}", config.mesh.partitions)
     stop.wait()
-    flushed = bridge.stop(args.shutdown_timeout_s)
+    flushed = bridge.stop(config.bridge.shutdown_timeout_s)
     log.info("stopped; %s", "everything held was acknowledged" if flushed else
              f"{bridge.in_flight} site messages stay unacknowledged and come again next start")
     return 0
 
 
-def bridge_settings(config: Config, args: argparse.Namespace) -> BridgeSettings:
-    """The bridge's settings from the configuration and the command line."""
-    if args.max_in_flight < 1 or args.heartbeat_s <= 0 or args.healthy_within_s <= 0:
-        msg = "--max-in-flight must be >= 1, --heartbeat-s and --healthy-within-s > 0"
-        raise ValueError(msg)
+def bridge_settings(config: Config) -> BridgeSettings:
+    """The bridge's settings from the configuration (``[bridge]``, brokers)."""
+    b = config.bridge
+    sites = b.site_brokers or [config.site_broker]
     return BridgeSettings(
-        site=_address(config.site_broker, "site_broker"),
+        sites=tuple(SiteBroker(_address(site, "site broker"), site.protocol, site.client_id)
+                    for site in sites),
         cloud=_address(config.mesh_broker, "mesh_broker"),
-        site_protocol=config.site_broker.protocol,
         cloud_protocol=config.mesh_broker.protocol,
-        client_id=config.site_broker.client_id or "mw-bridge",
-        keepalive_s=config.site_broker.keepalive_s,
-        max_in_flight=args.max_in_flight,
-        heartbeat_s=args.heartbeat_s,
-        healthy_within_s=args.healthy_within_s,
-        reconnect_max_s=args.reconnect_max_s,
+        client_id=b.client_id,
+        keepalive_s=config.mesh_broker.keepalive_s,
+        max_in_flight=b.max_in_flight,
+        mesh_batch_readings=b.mesh_batch_readings,
+        linger_s=b.linger_ms / 1000,
+        heartbeat_s=b.heartbeat_s,
+        healthy_within_s=b.healthy_within_s,
+        reconnect_max_s=b.reconnect_max_s,
     )
+
+
+def _opcua_sources(
+    config: Config, settings: BridgeSettings
+) -> Callable[[Callable[[Job], None]], list[Source]] | None:
+    b = config.bridge
+    if b.opcua_site is None or b.opcua_gateway_id is None:
+        return None
+    site, gateway_id = b.opcua_site, b.opcua_gateway_id
+    from mesh_bridge.opcua_source import OpcUaSource  # asyncua only when OPC-UA is configured
+
+    def build(put: Callable[[Job], None]) -> list[Source]:
+        return [OpcUaSource(config.opcua, put, site=site, gateway_id=gateway_id,
+                            store_path=b.opcua_store_path, max_in_flight=settings.max_in_flight)]
+
+    return build
 
 
 def _address(broker: BrokerConfig, section: str) -> BrokerAddress:

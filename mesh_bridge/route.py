@@ -3,8 +3,9 @@
 Which topic kinds are bridged:
 
 - ``site_telemetry``: decoded as a :class:`TelemetryBatch`, checked, and forwarded to
-  ``mesh_telemetry(partition_of(device, P))``, one new batch per partition (same site, gateway
-  and ``sent_ms``; readings in their input order, so per-device order holds in a partition).
+  ``mesh_telemetry(partition_of(device, P))`` as one :class:`PartitionBatch` per partition
+  (same site, gateway and ``sent_ms``; readings in their input order, so per-device order
+  holds in a partition). :mod:`mesh_bridge.coalesce` merges them into mesh messages.
 - ``site_status``: decoded as a :class:`DeviceStatus` and applied to :class:`Identity` (births
   grant devices, deaths release them); consumed, not forwarded.
 - ``site_dead_letter``: a gateway's own dead letter, decoded as a :class:`DeadLetter` and
@@ -38,7 +39,9 @@ duplicate or dead-lettered (:mod:`mesh_bridge.ledger`):
 >>> batch = TelemetryBatch(site="s1", gateway_id="gw-1", sent_ms=T0, readings=readings)
 >>> routed = router.route(Incoming(topics.site_telemetry("s1", "gw-1"), encode(batch), T0))
 >>> [m.topic for m in routed.messages]
-['mw/v1/deadletter/unauthorized_device', 'mw/v1/mesh/telemetry/1', 'mw/v1/mesh/telemetry/3']
+['mw/v1/deadletter/unauthorized_device']
+>>> [(b.partition, [r.device_id for r in b.readings]) for b in routed.batches]
+[(1, ['m2']), (3, ['m1'])]
 >>> c = routed.counts
 >>> c.readings_in, c.forwarded, c.duplicates, c.dead_lettered, c.balanced
 (4, 2, 1, 1, True)
@@ -107,11 +110,26 @@ class Message(NamedTuple):
     payload: bytes
 
 
+class PartitionBatch(NamedTuple):
+    """Forwarded readings of one site batch that fall in one mesh partition."""
+
+    partition: int
+    site: str
+    gateway_id: str
+    sent_ms: int
+    readings: list[Reading]
+
+
 @dataclass(slots=True)
 class Routed:
-    """What to publish for one input, and its counts; ``lag_ms`` is receive time - ``sent_ms``."""
+    """What one input becomes, and its counts; ``lag_ms`` is receive time - ``sent_ms``.
+
+    ``messages`` are ready to publish (dead letters); ``batches`` are the forwarded readings
+    by partition, still to be encoded (:mod:`mesh_bridge.coalesce`).
+    """
 
     messages: list[Message] = field(default_factory=list)
+    batches: list[PartitionBatch] = field(default_factory=list)
     counts: Counts = field(default_factory=lambda: Counts(messages_in=1))
     lag_ms: int | None = None
 
@@ -138,7 +156,7 @@ class Router:
         self.partitions = partitions
         self.late_horizon_ms = late_horizon_ms
         self.dedup = dedup if dedup is not None else Deduplicator()
-        self._topics = [topics.mesh_telemetry(p) for p in range(partitions)]
+        self._partition_cache: dict[str, int] = {}
 
     def route(self, incoming: Incoming) -> Routed:
         """Decide what ``incoming`` becomes; never raises for any topic or payload."""
@@ -164,10 +182,9 @@ class Router:
         Call it before leaving the input un-acknowledged, so its redelivery is not taken for a
         duplicate.
         """
-        for message in routed.messages:
-            if topics.parse(message.topic).kind == "mesh_telemetry":
-                for reading in decode(message.payload, TelemetryBatch).readings:
-                    self.dedup.forget(reading.device_id, reading.seq)
+        for batch in routed.batches:
+            for reading in batch.readings:
+                self.dedup.forget(reading.device_id, reading.seq)
 
     def _telemetry(self, routed: Routed, incoming: Incoming, where: dict[str, str]) -> None:
         try:
@@ -188,18 +205,17 @@ class Router:
         if refused:
             readings = self._split_refused(routed, incoming, batch, set(refused))
         groups = self._check_and_group(counts, readings, batch.sent_ms - self.late_horizon_ms)
-        for partition in sorted(groups):
-            out = TelemetryBatch.model_construct(
-                site=batch.site, gateway_id=batch.gateway_id, sent_ms=batch.sent_ms,
-                readings=groups[partition],
-            )
-            routed.messages.append(Message(self._topics[partition], encode(out)))
+        routed.batches.extend(
+            PartitionBatch(partition, batch.site, batch.gateway_id, batch.sent_ms, group)
+            for partition, group in sorted(groups.items()))
 
     def _check_and_group(
         self, counts: Counts, readings: list[Reading], late_before_ms: int
     ) -> dict[int, list[Reading]]:
         check = self.dedup.check
-        partitions = self.partitions
+        cache = self._partition_cache
+        if len(cache) > self.dedup.max_devices:
+            cache.clear()
         groups: dict[int, list[Reading]] = {}
         duplicates = late = beyond = 0
         for reading in readings:
@@ -214,7 +230,9 @@ class Router:
                 late += 1
                 if _LATE not in reading.quality:
                     reading = reading.model_copy(update={"quality": (*reading.quality, _LATE)})
-            partition = topics.partition_of(device_id, partitions)
+            partition = cache.get(device_id)
+            if partition is None:
+                partition = cache[device_id] = topics.partition_of(device_id, self.partitions)
             group = groups.get(partition)
             if group is None:
                 groups[partition] = [reading]

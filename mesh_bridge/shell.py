@@ -50,8 +50,9 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -62,32 +63,49 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_agent.mqtt_input import Delivery
 from edge_agent.publisher import BrokerAddress, MqttProtocol, paho_protocol
-from mesh_bridge.route import Incoming, Message, Routed, Router
+from mesh_bridge.coalesce import DEFAULT_MAX_READINGS, Coalescer, MeshMessage
+from mesh_bridge.route import Incoming, Routed, Router
 from meshwatch.backoff import Backoff
 from meshwatch.contract import topics
 
-__all__ = ["Bridge", "BridgeSettings", "CloudLink", "Liveness", "Metrics", "SiteConsumer"]
+__all__ = ["Bridge", "BridgeSettings", "CloudLink", "Job", "Liveness", "Metrics", "SiteBroker",
+           "SiteConsumer", "Source"]
 
 log = logging.getLogger(__name__)
 
 SITE_KINDS = ("site_status", "site_telemetry", "site_dead_letter")
 """Subscribed in this order: births first, so devices are granted before their telemetry."""
-POLL_S = 0.01
+POLL_S = 0.05
+"""The longest the worker waits for an event before its housekeeping (stop, heartbeat)."""
 LAG_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600)
 
 
 @dataclass(frozen=True, slots=True)
-class BridgeSettings:
-    """How the bridge connects and how much it holds; see the module doc."""
+class SiteBroker:
+    """One site broker to consume; ``client_id`` defaults to the bridge's."""
 
-    site: BrokerAddress
+    address: BrokerAddress
+    protocol: MqttProtocol = "5"
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeSettings:
+    """How the bridge connects and how much it holds; see the module doc.
+
+    ``max_in_flight`` bounds the site messages held per source; ``mesh_batch_readings`` and
+    ``linger_s`` say when coalesced mesh batches are closed (:mod:`mesh_bridge.coalesce`).
+    """
+
+    sites: tuple[SiteBroker, ...]
     cloud: BrokerAddress
-    site_protocol: MqttProtocol = "5"
     cloud_protocol: MqttProtocol = "5"
     client_id: str = "mw-bridge"
     session_expiry_s: int = 7 * 24 * 3600
     keepalive_s: int = 30
-    max_in_flight: int = 100
+    max_in_flight: int = 500
+    mesh_batch_readings: int = DEFAULT_MAX_READINGS
+    linger_s: float = 0.05
     heartbeat_s: float = 5.0
     healthy_within_s: float = 15.0
     connect_timeout_s: float = 5.0
@@ -158,21 +176,48 @@ def _connect_properties(session_expiry_s: int, receive_max: int | None) -> Prope
     return properties
 
 
+class Source(Protocol):
+    """Where site messages come from: a site broker, or the bridge's own OPC-UA input.
+
+    A source puts :class:`Job` items on the bridge's queue, at most ``max_in_flight`` not yet
+    acknowledged, and is told with :meth:`ack` when one is safe in the cloud broker.
+    """
+
+    name: str
+
+    def start(self) -> None:
+        """Begin delivering jobs."""
+
+    def stop_taking(self) -> None:
+        """Deliver no more jobs; what is not acknowledged comes again next start."""
+
+    def close(self) -> None:
+        """Release connections and files (after the acknowledgements already given)."""
+
+    def ack(self, delivery: Any) -> bool:
+        """``delivery``'s outputs are safe: drop it at the source; False if no longer possible."""
+
+
 @dataclass(frozen=True, slots=True)
-class _Job:
+class Job:
+    """One site message to route, with what its source needs to acknowledge it."""
+
     incoming: Incoming
-    delivery: Delivery
+    delivery: Any
+    source: Source
 
 
 class SiteConsumer:
     """The site broker side: persistent session, QoS1 subscriptions, manual acknowledgement."""
 
-    def __init__(self, settings: BridgeSettings, jobs: queue.SimpleQueue[_Job]) -> None:
+    def __init__(self, settings: BridgeSettings, site: SiteBroker,
+                 put: Callable[[Job], None]) -> None:
         self.settings = settings
-        self.address = settings.site
-        self.source = f"{self.address.host}:{self.address.port}"
-        self.client_id = settings.client_id
-        self._jobs = jobs
+        self.address = site.address
+        self.name = f"{self.address.host}:{self.address.port}"
+        self.client_id = site.client_id or settings.client_id
+        self.protocol = site.protocol
+        self._put = put
         self._slots = threading.BoundedSemaphore(settings.max_in_flight)
         self._lock = threading.Lock()
         self._connection = 0
@@ -181,9 +226,9 @@ class SiteConsumer:
         self._last_subscribe: int | None = None
         self.subscribed = threading.Event()
         """Set once the broker confirmed the subscriptions of the first connection."""
-        v5 = settings.site_protocol == "5"
+        v5 = site.protocol == "5"
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=paho_protocol(settings.site_protocol),
+                             protocol=paho_protocol(site.protocol),
                              clean_session=None if v5 else False, manual_ack=True)
         client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(settings.reconnect_max_s)))
         if self.address.username is not None:
@@ -197,7 +242,7 @@ class SiteConsumer:
     def start(self) -> None:
         """Connect in the background (paho retries with back-off) and subscribe."""
         s = self.settings
-        if s.site_protocol == "5":
+        if self.protocol == "5":
             # clean_start=False on every connect, the first included (mosquitto does not
             # persist a session created clean); Receive Maximum bounds what it sends us.
             self._client.connect_async(
@@ -231,12 +276,12 @@ class SiteConsumer:
                     reason_code: ReasonCode, properties: Properties | None) -> None:
         if reason_code.is_failure:
             log.warning("site broker %s refused %s: %s; check site_broker credentials",
-                        self.source, self.client_id, reason_code)
+                        self.name, self.client_id, reason_code)
             return
         with self._lock:
             self._connection += 1
             self._connected = True
-        log.info("connected to site broker %s as %s (session present: %s)", self.source,
+        log.info("connected to site broker %s as %s (session present: %s)", self.name,
                  self.client_id, flags.session_present)
         for kind in SITE_KINDS:  # harmless when the session kept them
             _, self._last_subscribe = client.subscribe(topics.subscription(kind), qos=1)
@@ -245,7 +290,7 @@ class SiteConsumer:
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
         if any(code.is_failure for code in reason_codes):
             log.error("site broker %s refused a subscription of %s: %s; check its ACL",
-                      self.source, self.client_id, reason_codes)
+                      self.name, self.client_id, reason_codes)
         elif mid == self._last_subscribe:
             self.subscribed.set()
 
@@ -254,7 +299,7 @@ class SiteConsumer:
         with self._lock:
             self._connected = False
         if self._taking:
-            log.warning("lost the site broker %s (%s); paho reconnects", self.source,
+            log.warning("lost the site broker %s (%s); paho reconnects", self.name,
                         reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -267,27 +312,51 @@ class SiteConsumer:
         with self._lock:
             connection = self._connection
         incoming = Incoming(msg.topic, bytes(msg.payload), int(time.time() * 1000),
-                            source_broker=self.source, client_id=self.client_id)
-        self._jobs.put(_Job(incoming, Delivery(msg.mid, msg.qos, connection)))
+                            source_broker=self.name, client_id=self.client_id)
+        self._put(Job(incoming, Delivery(msg.mid, msg.qos, connection), self))
 
 
 @dataclass(slots=True, eq=False)
 class _Held:
-    """A site message being bridged: its outputs, and which are not PUBACKed yet."""
+    """A site message being bridged.
 
-    job: _Job
-    messages: list[Message]
-    unacked: set[int] = field(default_factory=set)
+    ``waiting`` counts the outputs holding its readings that are not PUBACKed yet (open
+    coalescer batches included); at 0, and once every earlier one is done, it is acknowledged.
+    """
+
+    job: Job
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class _PubAck:
+    """The cloud broker's PUBACK for packet ``mid`` of connection ``generation``."""
+
+    generation: int
+    mid: int
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Lost:
+    """Connection ``generation`` to the cloud broker is gone."""
+
+    generation: int
+
+
+_Event = Job | _PubAck | _Lost
 
 
 class CloudLink:
-    """The cloud broker side, used by the worker thread only: QoS1 publishes, PUBACKs.
+    """The cloud broker side: QoS1 publishes from the worker thread, PUBACKs as events.
 
-    Each connection gets a new paho client tagged with a generation, so PUBACKs of an older
-    connection (packet ids are reused) are ignored.
+    Each connection gets a new paho client (with its own network thread) tagged with a
+    generation; its PUBACKs and its loss are put on the worker's event queue with that
+    generation, so those of an older connection (packet ids are reused) are ignored.
     """
 
-    def __init__(self, settings: BridgeSettings, liveness: Liveness) -> None:
+    def __init__(self, settings: BridgeSettings, liveness: Liveness,
+                 put: Callable[[_Event], None]) -> None:
         self.settings = settings
         self.address = settings.cloud
         self.client_id = f"{settings.client_id}-cloud"
@@ -295,24 +364,24 @@ class CloudLink:
         self.liveness = liveness
         self.backoff = Backoff(max_s=settings.reconnect_max_s)
         self.client: mqtt.Client | None = None
-        self.acked: list[tuple[int, bool]] = []  # (mid, success) since the last take_acks()
-        self._generation = 0
+        self.generation = 0
+        self._put = put
         self._connack: ReasonCode | None = None
-        self._lost = False
+        self._connacked = threading.Event()
 
     @property
     def connected(self) -> bool:
-        """Whether a connection is up."""
+        """Whether a connection is up (as far as the worker knows)."""
         return self.client is not None
 
     def connect(self) -> bool:
         """One connection attempt; False after a failure (the caller waits ``delay()``)."""
-        self._generation += 1
+        self.generation += 1
         s = self.settings
         v5 = s.cloud_protocol == "5"
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=paho_protocol(s.cloud_protocol),
-                             clean_session=None if v5 else True, userdata=self._generation)
+                             clean_session=None if v5 else True, userdata=self.generation)
         client.max_inflight_messages_set(0)  # bounded by max_in_flight site messages
         if self.address.username is not None:
             client.username_pw_set(self.address.username, self.address.password)
@@ -320,7 +389,8 @@ class CloudLink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
-        self._connack, self._lost = None, False
+        self._connack = None
+        self._connacked.clear()
         failure: str | None = None
         try:
             if v5:  # outputs are kept in memory; no session is needed
@@ -328,18 +398,16 @@ class CloudLink:
                                clean_start=True, properties=_connect_properties(0, None))
             else:
                 client.connect(self.address.host, self.address.port, keepalive=s.keepalive_s)
-            deadline = time.monotonic() + s.connect_timeout_s
-            while self._connack is None and not self._lost and time.monotonic() < deadline:
-                if client.loop(timeout=POLL_S) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    break
-            if self._connack is None:
+            client.loop_start()
+            if not self._connacked.wait(s.connect_timeout_s):
                 failure = f"no CONNACK within {s.connect_timeout_s:g}s"
-            elif self._connack.is_failure:
+            elif self._connack is None or self._connack.is_failure:
                 failure = f"refused: {self._connack}; check mesh_broker credentials"
         except OSError as exc:
             failure = str(exc) or type(exc).__name__
         if failure is not None:
             client.disconnect()
+            client.loop_stop()
             log.warning("cannot connect to cloud broker %s:%d (%s)", self.address.host,
                         self.address.port, failure)
             return False
@@ -351,11 +419,11 @@ class CloudLink:
         return True
 
     def publish(self, topic: str, payload: bytes) -> int | None:
-        """Publish at QoS1; the packet id, or None if the connection broke."""
+        """Publish at QoS1; the packet id, or None if the connection broke (it is dropped)."""
         assert self.client is not None
         info = self.client.publish(topic, payload, qos=1)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._lost = True
+            self._put(_Lost(self.generation))
             return None
         return info.mid
 
@@ -364,70 +432,70 @@ class CloudLink:
         assert self.client is not None
         self.client.publish(self.heartbeat_topic, str(time.time()).encode(), qos=0)
 
-    def loop(self, timeout: float) -> bool:
-        """Network I/O for up to ``timeout`` seconds; False once the connection is lost."""
-        assert self.client is not None
-        rc = self.client.loop(timeout=timeout)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._lost:
-            log.warning("lost the cloud broker %s:%d (%s); unacked outputs will be sent again",
-                        self.address.host, self.address.port,
-                        "closed" if rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-                        else mqtt.error_string(rc))
-            self.client.disconnect()
-            self.client = None
-            self.acked.clear()
-            return False
-        return True
+    def drop(self) -> None:
+        """Forget the current connection after a loss (unacked outputs are sent again)."""
+        log.warning("lost the cloud broker %s:%d; unacked outputs will be sent again",
+                    self.address.host, self.address.port)
+        self.close()
 
     def close(self) -> None:
-        """Disconnect."""
+        """Disconnect and stop the connection's network thread."""
         if self.client is not None:
             self.client.disconnect()
-            self.client.loop(timeout=POLL_S)
+            self.client.loop_stop()
             self.client = None
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
-        if userdata != self._generation:
+        if userdata != self.generation:
             return
         receive_max = getattr(properties, "ReceiveMaximum", None)
         if receive_max is not None:  # the broker's limit: paho queues the rest
             client.max_inflight_messages_set(int(receive_max))
         self._connack = reason_code
+        self._connacked.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
-        if userdata == self._generation:
-            self._lost = True
+        self._put(_Lost(userdata))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
-        if userdata == self._generation:
-            self.acked.append((mid, not reason_code.is_failure))
+        self._put(_PubAck(userdata, mid, not reason_code.is_failure))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if userdata == self._generation and msg.topic == self.heartbeat_topic:
+        if userdata == self.generation and msg.topic == self.heartbeat_topic:
             self.liveness.mark()
 
 
 class Bridge:
-    """Site broker to cloud broker through a :class:`Router`; see the module doc.
+    """Site sources to the cloud broker through a :class:`Router`; see the module doc.
 
     Usage: ``start()``, then ``stop(timeout_s)`` from any thread (it returns whether every
-    held message was acknowledged).
+    held message was acknowledged). ``extra_sources`` are built with the function that queues
+    a :class:`Job` (the bridge's OPC-UA input, :mod:`mesh_bridge.opcua_source`).
     """
 
     def __init__(self, settings: BridgeSettings, router: Router,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 extra_sources: Callable[[Callable[[Job], None]], list[Source]] | None = None,
+                 ) -> None:
         self.settings = settings
         self.router = router
         self.metrics = metrics if metrics is not None else Metrics()
         self.liveness = Liveness(settings.healthy_within_s)
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self.site = SiteConsumer(settings, self._jobs)
-        self.cloud = CloudLink(settings, self.liveness)
+        self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
+        put = self._events.put
+        self.sites = [SiteConsumer(settings, site, put) for site in settings.sites]
+        self.sources: list[Source] = [*self.sites, *(extra_sources(put) if extra_sources else [])]
+        self.cloud = CloudLink(settings, self.liveness, put)
+        self.coalescer: Coalescer[_Held] = Coalescer(router.partitions,
+                                                     settings.mesh_batch_readings)
         self._held: deque[_Held] = deque()
-        self._by_mid: dict[int, tuple[_Held, int]] = {}
+        self._outputs: dict[int, MeshMessage[_Held]] = {}  # not PUBACKed, in creation order
+        self._next_output = 0
+        self._by_mid: dict[int, int] = {}  # packet id -> output number, this connection
+        self._opened_at: float | None = None  # when the coalescer's oldest open batch began
         self._stopping = threading.Event()
         self._deadline = float("inf")
         self._next_heartbeat = 0.0
@@ -436,17 +504,23 @@ class Bridge:
         self.flushed = False
 
     @property
+    def site(self) -> SiteConsumer:
+        """The first site consumer."""
+        return self.sites[0]
+
+    @property
     def in_flight(self) -> int:
         """Site messages held (routed, waiting for PUBACKs or for earlier ones)."""
         return len(self._held)
 
     def start(self) -> None:
-        """Start the worker and the site consumer."""
+        """Start the worker and the sources."""
         self._thread.start()
-        self.site.start()
+        for source in self.sources:
+            source.start()
 
     def stop(self, timeout_s: float = 10.0) -> bool:
-        """Stop consuming, finish what is held (up to ``timeout_s``), disconnect.
+        """Stop taking input, finish what is held (up to ``timeout_s``), disconnect.
 
         Returns True if every held message was acknowledged.
 
@@ -454,11 +528,13 @@ class Bridge:
             RuntimeError: the worker thread had died of an unexpected error (chained).
 
         """
-        self.site.stop_taking()
+        for source in self.sources:
+            source.stop_taking()
         self._deadline = time.monotonic() + timeout_s
         self._stopping.set()
         self._thread.join(timeout_s + self.settings.connect_timeout_s + 5)
-        self.site.close()
+        for source in self.sources:
+            source.close()
         if self._error is not None:
             msg = f"the bridge worker thread failed: {self._error!r}; see the log"
             raise RuntimeError(msg) from self._error
@@ -474,7 +550,7 @@ class Bridge:
                     self._republish()
                 else:
                     self._pause(self.cloud.backoff.next_delay())
-            self.flushed = not self._held and self._jobs.empty()
+            self.flushed = not self._held
             self.cloud.close()
         except BaseException as exc:  # reported by stop()
             log.exception("the bridge worker thread stopped")
@@ -490,74 +566,114 @@ class Bridge:
     def _done(self) -> bool:
         if not self._stopping.is_set():
             return False
-        return (not self._held and self._jobs.empty()) or time.monotonic() >= self._deadline
+        return (not self._held and self._events.empty()) or time.monotonic() >= self._deadline
 
     def _step(self) -> None:
-        took = self._take_jobs()
-        if not self.cloud.loop(0 if took else POLL_S):
-            self.metrics.cloud_connected.set(0)
-            self._by_mid.clear()
-            return
-        self._match_pubacks()
-        self._release()
+        """Handle the events that are there (waiting a little for one), then flush and ack."""
         now = time.monotonic()
-        if now >= self._next_heartbeat:
+        wake = self._next_heartbeat
+        if self._opened_at is not None:
+            wake = min(wake, self._opened_at + self.settings.linger_s)
+        try:
+            event: _Event | None = self._events.get(timeout=min(max(0.0, wake - now), POLL_S))
+        except queue.Empty:
+            event = None
+        handled = 0
+        while event is not None:
+            self._handle(event)
+            handled += 1
+            if handled >= self.settings.max_in_flight or not self.cloud.connected:
+                break
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                event = None
+        if not self.cloud.connected:
+            return
+        now = time.monotonic()
+        if self._opened_at is not None and (
+            now - self._opened_at >= self.settings.linger_s
+            or len(self._held) >= self.settings.max_in_flight or self._stopping.is_set()
+        ):
+            self._opened_at = None
+            for message in self.coalescer.flush():
+                self._emit(message)
+        self._release()
+        if now >= self._next_heartbeat and self.cloud.connected:
             self.cloud.heartbeat()
             self._next_heartbeat = now + self.settings.heartbeat_s
 
-    def _take_jobs(self) -> int:
-        took = 0
-        while took < self.settings.max_in_flight:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            took += 1
-            routed = self.router.route(job.incoming)
-            self.metrics.routed(routed)
-            held = _Held(job, routed.messages, set(range(len(routed.messages))))
-            self._held.append(held)
-            self._send(held)
-        self.metrics.in_flight.set(len(self._held))
-        return took
+    def _handle(self, event: _Event) -> None:
+        if isinstance(event, Job):
+            self._route(event)
+        elif event.generation != self.cloud.generation:
+            return  # of an older connection
+        elif isinstance(event, _PubAck):
+            self._puback(event)
+        else:
+            self.cloud.drop()
+            self.metrics.cloud_connected.set(0)
+            self._by_mid.clear()
 
-    def _send(self, held: _Held) -> None:
-        for index in sorted(held.unacked):
-            message = held.messages[index]
-            mid = self.cloud.publish(message.topic, message.payload)
-            if mid is None:
-                return  # sent again after the reconnect
-            self._by_mid[mid] = (held, index)
+    def _route(self, job: Job) -> None:
+        routed = self.router.route(job.incoming)
+        self.metrics.routed(routed)
+        held = _Held(job, len(routed.messages) + len(routed.batches))
+        self._held.append(held)
+        self.metrics.in_flight.set(len(self._held))
+        for message in routed.messages:
+            self._emit(MeshMessage(message.topic, message.payload, [held], 0))
+        if routed.batches:
+            if self._opened_at is None:
+                self._opened_at = time.monotonic()
+            for full in self.coalescer.add(held, routed.batches):
+                self._emit(full)
+            if not len(self.coalescer):
+                self._opened_at = None
+
+    def _emit(self, message: MeshMessage[_Held]) -> None:
+        number = self._next_output
+        self._next_output += 1
+        self._outputs[number] = message
+        if self.cloud.connected:
+            self._publish(number, message)
+
+    def _publish(self, number: int, message: MeshMessage[_Held]) -> bool:
+        mid = self.cloud.publish(message.topic, message.payload)
+        if mid is None:
+            return False  # sent again after the reconnect
+        self._by_mid[mid] = number
+        return True
 
     def _republish(self) -> None:
-        waiting = [h for h in self._held if h.unacked]
-        for held in waiting:
-            self.metrics.republished.inc(len(held.unacked))
-            self._send(held)
-        if waiting:
-            log.info("sent again the outputs of %d site messages", len(waiting))
+        for number, message in list(self._outputs.items()):
+            self.metrics.republished.inc()
+            if not self._publish(number, message):
+                break
+        if self._outputs:
+            log.info("sent again %d messages not PUBACKed before the reconnect",
+                     len(self._outputs))
 
-    def _match_pubacks(self) -> None:
-        for mid, ok in self.cloud.acked:
-            entry = self._by_mid.pop(mid, None)
-            if entry is None:
-                continue  # the heartbeat, or a message of an older connection
-            held, index = entry
-            if ok:
-                held.unacked.discard(index)
-                self.metrics.messages_out.inc()
-                self.liveness.mark()
-            else:
-                self.metrics.rejected.inc()
-                log.error("cloud broker refused a message on %s; it is sent again after the "
-                          "next reconnect; check the bridge account's ACL",
-                          held.messages[index].topic)
-        self.cloud.acked.clear()
+    def _puback(self, ack: _PubAck) -> None:
+        number = self._by_mid.pop(ack.mid, None)
+        if number is None:
+            return  # the heartbeat (QoS0 has none), or a duplicate
+        if ack.ok:
+            message = self._outputs.pop(number)
+            for owner in message.owners:
+                owner.waiting -= 1
+            self.metrics.messages_out.inc()
+            self.liveness.mark()
+        else:
+            self.metrics.rejected.inc()
+            log.error("cloud broker refused a message on %s; it is sent again after the "
+                      "next reconnect; check the bridge account's ACL",
+                      self._outputs[number].topic)
 
     def _release(self) -> None:
         held = self._held
-        while held and not held[0].unacked:
+        while held and not held[0].waiting:
             done = held.popleft()
-            if self.site.ack(done.job.delivery):
+            if done.job.source.ack(done.job.delivery):
                 self.metrics.site_acked.inc()
         self.metrics.in_flight.set(len(held))

@@ -264,6 +264,39 @@ class EdgeConfig(_Section):
         return url
 
 
+class BridgeConfig(_Section):
+    """``meshwatch bridge``: what it consumes, how much it holds, how it reports health."""
+
+    client_id: str = "mw-bridge"
+    site_brokers: list[BrokerConfig] = []
+    max_in_flight: int = Field(500, ge=1, le=65_535)
+    mesh_batch_readings: int = Field(500, ge=1, le=10_000)
+    linger_ms: int = Field(50, ge=0, le=60_000)
+    late_horizon_s: float = Field(3600.0, ge=0)
+    heartbeat_s: float = Field(5.0, gt=0)
+    healthy_within_s: float = Field(15.0, gt=0)
+    reconnect_max_s: float = Field(10.0, ge=0.1, le=3600)
+    shutdown_timeout_s: float = Field(10.0, ge=0)
+    healthz_port: int = Field(0, ge=0, le=65_535)
+    metrics_port: int = Field(0, ge=0, le=65_535)
+    opcua_site: str | None = None
+    opcua_gateway_id: str | None = None
+    opcua_store_path: Path = Path("bridge-opcua.db")
+
+    @field_validator("client_id", "opcua_site", "opcua_gateway_id")
+    @classmethod
+    def _topic_safe(cls, value: str | None) -> str | None:
+        return None if value is None else _topic_level(value)
+
+    @model_validator(mode="after")
+    def _opcua_identity(self) -> BridgeConfig:
+        if (self.opcua_site is None) != (self.opcua_gateway_id is None):
+            msg = ("set both opcua_site and opcua_gateway_id for the bridge to read the [[opcua]]"
+                   " servers itself, or neither")
+            raise ValueError(msg)
+        return self
+
+
 class Config(BaseSettings):
     """Everything a Meshwatch service reads at start-up."""
 
@@ -279,6 +312,7 @@ class Config(BaseSettings):
     registry: RegistryConfig = RegistryConfig()
     opcua: list[OpcUaServerConfig] = []
     edge: EdgeConfig = EdgeConfig()
+    bridge: BridgeConfig = BridgeConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

@@ -1,7 +1,10 @@
-"""What the bridge tests share: the fleet they use, the bridge's config files, /healthz."""
+"""What the bridge tests share: the fleet, the bridge's config files and process, /healthz."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,16 +19,30 @@ GATEWAYS = [f"gw-{g}" for g in range(3)]
 DEVICES = {gw: [f"{gw}-m{d}" for d in range(5)] for gw in GATEWAYS}
 
 
-def write_config(path: Path, site: Mosquitto, cloud: Mosquitto, client_id: str) -> Path:
-    """bridge.toml and registry.csv (every device of DEVICES) for a `meshwatch bridge` process."""
+def write_config(path: Path, site: Mosquitto, cloud: Mosquitto, client_id: str,
+                 healthz_port: int = 0, extra: str = "") -> Path:
+    """bridge.toml and registry.csv (every device of DEVICES) for a `meshwatch bridge` process.
+
+    Heartbeats every 0.2 s, reconnects within 1 s; ``extra`` is appended to the TOML.
+    """
     rows = [",".join(COLUMNS)] + [f"{d},customer_meter,,false,{SITE},dma-01,{gw},900,,"
                                   for gw in GATEWAYS for d in DEVICES[gw]]
     (path / "registry.csv").write_text("\n".join(rows) + "\n")
     path.joinpath("bridge.toml").write_text(
-        f'log_level = "INFO"\n[site_broker]\nurl = "{site.url}"\nclient_id = "{client_id}"\n'
+        f'log_level = "INFO"\n[site_broker]\nurl = "{site.url}"\n'
         f'[mesh_broker]\nurl = "{cloud.url}"\n[mesh]\npartitions = {P}\n'
-        f'[registry]\nfile = "{path / "registry.csv"}"\n')
+        f'[registry]\nfile = "{path / "registry.csv"}"\n'
+        f'[bridge]\nclient_id = "{client_id}"\nhealthz_port = {healthz_port}\n'
+        f'heartbeat_s = 0.2\nreconnect_max_s = 1\n{extra}')
     return path / "bridge.toml"
+
+
+def spawn_bridge(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`meshwatch bridge --config CONFIG` as a child process, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "meshwatch.cli", "bridge", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
 
 def healthz(port: int) -> int:

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from bridge_support import DEVICES, GATEWAYS, SITE, P, healthz, write_config
+from bridge_support import DEVICES, GATEWAYS, SITE, P, healthz, spawn_bridge, write_config
 from mqtt_ledger import Ledger, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from servers import Mosquitto, free_port
@@ -31,7 +28,7 @@ from servers import Mosquitto, free_port
 from edge_agent.publisher import parse_broker_url
 from mesh_bridge.identity import Identity
 from mesh_bridge.route import Router
-from mesh_bridge.shell import Bridge, BridgeSettings
+from mesh_bridge.shell import Bridge, BridgeSettings, SiteBroker
 from meshwatch.contract import (
     ContractError,
     DeadLetter,
@@ -127,7 +124,7 @@ def births(publisher: RetryingPublisher) -> None:
 def test_site_broker_restart_loses_nothing(mosquitto: Mosquitto, cloud: Mosquitto) -> None:
     ledger = Ledger(cloud, "cloud-ledger", topics.subscription("mesh_telemetry"))
     settings = BridgeSettings(
-        site=parse_broker_url(mosquitto.url), cloud=parse_broker_url(cloud.url),
+        sites=(SiteBroker(parse_broker_url(mosquitto.url)),), cloud=parse_broker_url(cloud.url),
         client_id="bridge-site-restart", max_in_flight=20, heartbeat_s=0.2,
         healthy_within_s=1.0, reconnect_max_s=1.0, connect_timeout_s=2.0)
     bridge = Bridge(settings, Router(Identity(Registry([])), partitions=P))  # births grant
@@ -290,15 +287,11 @@ class LetterLedger(Ledger):
 def test_fuzzing_the_live_bridge(mosquitto: Mosquitto, cloud: Mosquitto, tmp_path: Path) -> None:
     plan = FuzzPlan(seed=4)
     assert sum(plan.letters.values()) >= 10_000
-    config = write_config(tmp_path, mosquitto, cloud, "bridge-fuzz")
     log, port = tmp_path / "bridge.log", free_port()
+    config = write_config(tmp_path, mosquitto, cloud, "bridge-fuzz", port)
     ledger = LetterLedger(cloud, "fuzz-ledger", topics.subscription("mesh_telemetry"),
                           topics.subscription("dead_letter"))
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "meshwatch.cli", "bridge", "--config", str(config),
-             "--healthz-port", str(port), "--heartbeat-s", "0.2", "--reconnect-max-s", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    proc = spawn_bridge(config, log)
     publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fuzz-pub")
     publisher.max_inflight_messages_set(1000)
     publisher.connect(mosquitto.host, mosquitto.port)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from bridge_support import DEVICES, GATEWAYS, P, healthz, write_config
+from bridge_support import DEVICES, GATEWAYS, P, healthz, spawn_bridge, write_config
 from mqtt_ledger import Ledger, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from servers import Mosquitto, free_port
@@ -22,7 +20,7 @@ from edge_agent.publisher import parse_broker_url
 from mesh_bridge.command import serve_healthz
 from mesh_bridge.identity import Identity
 from mesh_bridge.route import Router
-from mesh_bridge.shell import Bridge, BridgeSettings
+from mesh_bridge.shell import Bridge, BridgeSettings, SiteBroker
 from meshwatch.contract import (
     DeadLetter,
     DeviceStatus,
@@ -103,8 +101,8 @@ def settings(site: Mosquitto, cloud: Mosquitto, **overrides: object) -> BridgeSe
     values: dict[str, object] = {"client_id": "bridge-t", "max_in_flight": 20,
                                  "heartbeat_s": 0.2, "healthy_within_s": 1.0,
                                  "reconnect_max_s": 1.0, "connect_timeout_s": 2.0}
-    return BridgeSettings(site=parse_broker_url(site.url), cloud=parse_broker_url(cloud.url),
-                          **(values | overrides))  # type: ignore[arg-type]
+    return BridgeSettings(sites=(SiteBroker(parse_broker_url(site.url)),),
+                          cloud=parse_broker_url(cloud.url), **(values | overrides))  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -140,7 +138,8 @@ def test_valid_telemetry_is_partitioned_and_garbage_dead_lettered(
     site_pub.send(messages)
     want = expected(range(1, 21))
     ledger.wait_for(want, EXPECT_WAIT_S)
-    wait_until(lambda: len(ledger.by_topic) >= len(stream(range(1, 21))), what="dead letters")
+    wait_until(lambda: sum(isinstance(e, DeadLetter) for _, e in ledger.by_topic) >= 4,
+               what="dead letters")
     time.sleep(0.3)  # anything extra (a wrongly forwarded spoof) would arrive by now
     ledger.close()
 
@@ -172,22 +171,14 @@ def test_cloud_broker_restart_loses_nothing(
 
 
 
-def spawn(config: Path, healthz: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "meshwatch.cli", "bridge", "--config", str(config),
-             "--healthz-port", str(healthz), "--heartbeat-s", "0.2", "--reconnect-max-s", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-
-
 
 def test_kill_9_and_restart_loses_nothing(
     mosquitto: Mosquitto, cloud: Mosquitto, site_pub: SitePublisher, tmp_path: Path,
 ) -> None:
-    config = write_config(tmp_path, mosquitto, cloud, "bridge-p")
     log, port = tmp_path / "bridge.log", free_port()
+    config = write_config(tmp_path, mosquitto, cloud, "bridge-p", port)
     ledger = mesh_ledger(cloud)
-    proc = spawn(config, port, log)
+    proc = spawn_bridge(config, log)
     probe = 0
     while not ledger.received():  # the session exists once a probe gets through
         probe += 1
@@ -199,12 +190,12 @@ def test_kill_9_and_restart_loses_nothing(
     sent = range(probe + 1, probe + 1001)
     want = expected(sent)
     site_pub.send(stream(sent))
-    proc = spawn(config, port, log)
+    proc = spawn_bridge(config, log)
     wait_until(lambda: len(ledger.received() & want) > 300, what="the backlog to start")
     proc.kill()  # SIGKILL mid-drain, with site messages held for PUBACKs
     proc.wait()
     assert not want <= ledger.received(), "killed too late: the backlog was already drained"
-    proc = spawn(config, port, log)
+    proc = spawn_bridge(config, log)
     try:
         ledger.wait_for(expected(sent), EXPECT_WAIT_S)
         wait_until(lambda: healthz(port) == 200, what="healthy after the restart")
@@ -229,3 +220,52 @@ def test_healthz_follows_the_cloud_broker(bridge: Bridge, cloud: Mosquitto) -> N
         wait_until(lambda: healthz(port) == 200, what="healthy again")
     finally:
         server.shutdown()
+
+
+def test_two_site_brokers_into_one_mesh(mosquitto: Mosquitto, cloud: Mosquitto,
+                                        tmp_path: Path) -> None:
+    (tmp_path / "site-b").mkdir()
+    with Mosquitto(tmp_path / "site-b") as site_b:
+        both = settings(mosquitto, cloud, client_id="bridge-2s")
+        both = replace(both, sites=(*both.sites, SiteBroker(parse_broker_url(site_b.url))))
+        service = Bridge(both, Router(Identity(Registry([])), partitions=P))
+        service.start()
+        publishers = [SitePublisher(mosquitto), SitePublisher(site_b)]
+        ledger = mesh_ledger(cloud)
+        try:
+            assert all(site.subscribed.wait(10) for site in service.sites)
+            assert [s.name for s in service.sources] == [
+                f"{b.host}:{b.port}" for b in (mosquitto, site_b)]
+            # gw-0 and gw-1 publish to site A, gw-2 to site B
+            publishers[0].send([birth("gw-0"), birth("gw-1")])
+            publishers[1].send([birth("gw-2")])
+            seqs = range(1, 31)
+            publishers[0].send([telemetry(gw, s) for s in seqs for gw in ("gw-0", "gw-1")])
+            publishers[1].send([telemetry("gw-2", s) for s in seqs])
+            ledger.wait_for(expected(seqs), EXPECT_WAIT_S)
+            wait_until(lambda: service.in_flight == 0, what="both sites acknowledged")
+        finally:
+            ledger.close()
+            for publisher in publishers:
+                publisher.close()
+            assert service.stop(5)
+        assert service.metrics.site_acked._value.get() == 3 + 3 * len(seqs)
+        per_device = {}
+        for device, seq in ledger.arrivals:
+            per_device.setdefault(device, []).append(seq)
+        assert all(got == list(seqs) for got in per_device.values())  # once each, in order
+
+
+def test_bridge_refuses_a_config_it_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                               ) -> None:
+    from meshwatch.cli import main
+
+    config = tmp_path / "bridge.toml"
+    config.write_text('[site_broker]\nurl = "mqtt://127.0.0.1:1"\n[mesh_broker]\n'
+                      'url = "mqtt://127.0.0.1:2"\n[bridge]\nopcua_site = "dma-01"\n'
+                      'opcua_gateway_id = "dma-01-scada"\n')
+    assert main(["bridge", "--config", str(config)]) == 2
+    assert "no [[opcua]] server" in capsys.readouterr().err
+    config.write_text('[mesh_broker]\nurl = "mqtt://127.0.0.1:2"\n')  # site broker: embedded
+    assert main(["bridge", "--config", str(config)]) == 2
+    assert "set site broker.url to mqtt://" in capsys.readouterr().err

@@ -109,3 +109,27 @@ def test_any_bytes_load_or_raise_config_error(tmp_path, data) -> None:
     path.write_bytes(data)
     with contextlib.suppress(ConfigError):
         load_config(path)
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ('[bridge]\nopcua_site = "dma-01"\n', "set both opcua_site and opcua_gateway_id"),
+    ('[bridge]\nclient_id = "bridge/1"\n', "MQTT topic level"),
+    ('[bridge]\nmesh_batch_readings = 20000\n', "less than or equal to 10000"),
+    ('[[bridge.site_brokers]]\nurl = "http://x"\n', "mqtt://, mqtts:// or embedded://"),
+])
+def test_bridge_section_errors_say_what_to_fix(tmp_path, toml: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_bridge_site_brokers_are_a_list_of_broker_tables(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[bridge.site_brokers]]\nurl = "mqtt://a:1883"\n'
+                    '[[bridge.site_brokers]]\nurl = "mqtt://b:1883"\nprotocol = "3.1.1"\n')
+    config = load_config(path)
+    assert [(b.url, b.protocol) for b in config.bridge.site_brokers] == [
+        ("mqtt://a:1883", "5"), ("mqtt://b:1883", "3.1.1")]
+    monkeypatch.setenv("MESHWATCH_BRIDGE__SITE_BROKERS", '[{"url": "mqtt://c:1883"}]')
+    assert [b.url for b in load_config(path).bridge.site_brokers] == ["mqtt://c:1883"]
