@@ -83,13 +83,16 @@ __all__ = [
     "PERMANENT_REJECTIONS",
     "BrokerAddress",
     "OutboxPublisher",
+    "TlsOptions",
     "TokenBucket",
+    "apply_address",
     "parse_broker_url",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
 
 PERMANENT_REJECTIONS = frozenset({0x87, 0x90, 0x95, 0x99})
 """PUBACK reason codes that refuse the message itself: not authorized, topic name invalid,
@@ -113,36 +116,54 @@ def paho_protocol(version: str) -> MQTTProtocolVersion:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsOptions:
+    """TLS for an MQTT connection: CA file (None: the system's CAs), client certificate."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+    """Skip hostname verification (tests only)."""
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerAddress:
-    """Where and as whom to connect; built by :func:`parse_broker_url`."""
+    """Where and as whom to connect (``tls`` None: plain TCP); built by :func:`parse_broker_url`."""
 
     host: str
     port: int
     username: str | None = None
     password: str | None = None
+    tls: TlsOptions | None = None
 
 
-def parse_broker_url(url: str) -> BrokerAddress:
-    """Parse ``mqtt://[user[:password]@]host[:port]`` (port 1883 by default).
+def parse_broker_url(url: str, tls: TlsOptions | None = None) -> BrokerAddress:
+    """Parse ``mqtt://[user[:password]@]host[:port]`` (port 1883) or ``mqtts://...`` (TLS, 8883).
+
+    ``tls`` gives the TLS files of an ``mqtts://`` URL (default: the system's CAs).
 
     >>> parse_broker_url("mqtt://gw:s%40cret@broker.local:1884")
-    BrokerAddress(host='broker.local', port=1884, username='gw', password='s@cret')
+    BrokerAddress(host='broker.local', port=1884, username='gw', password='s@cret', tls=None)
     >>> parse_broker_url("mqtt://127.0.0.1").port
     1883
-    >>> parse_broker_url("mqtts://broker.local")
+    >>> address = parse_broker_url("mqtts://broker.local", TlsOptions(ca_file="ca.pem"))
+    >>> address.port, address.tls.ca_file
+    (8883, 'ca.pem')
+    >>> parse_broker_url("mqtt://broker.local", TlsOptions())
     Traceback (most recent call last):
     ...
-    ValueError: broker url 'mqtts://broker.local': only mqtt:// is supported here (TLS is not implemented yet); use mqtt://host:port
-    """  # noqa: E501
+    ValueError: broker url 'mqtt://broker.local' is plain TCP but TLS files are set; use mqtts://
+    """
     parts = urlsplit(url)
-    if parts.scheme != "mqtt":
-        msg = (
-            f"broker url {url!r}: only mqtt:// is supported here (TLS is not implemented yet);"
-            f" use mqtt://host:port"
-        )
+    if parts.scheme not in ("mqtt", "mqtts"):
+        msg = f"broker url {url!r}: use mqtt://host:port, or mqtts://host:port for TLS"
+        raise ValueError(msg)
+    secure = parts.scheme == "mqtts"
+    if tls is not None and not secure:
+        msg = f"broker url {url!r} is plain TCP but TLS files are set; use mqtts://"
         raise ValueError(msg)
     try:
-        port = parts.port or DEFAULT_PORT
+        port = parts.port or (DEFAULT_TLS_PORT if secure else DEFAULT_PORT)
     except ValueError:
         msg = f"broker url {url!r} has a bad port; use mqtt://host:port with port 1-65535"
         raise ValueError(msg) from None
@@ -154,7 +175,18 @@ def parse_broker_url(url: str) -> BrokerAddress:
         port=port,
         username=unquote(parts.username) if parts.username is not None else None,
         password=unquote(parts.password) if parts.password is not None else None,
+        tls=(tls or TlsOptions()) if secure else None,
     )
+
+
+def apply_address(client: mqtt.Client, address: BrokerAddress) -> None:
+    """Set ``address``'s credentials and TLS on a paho client, before it connects."""
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls is not None:
+        tls = address.tls
+        client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
+        client.tls_insecure_set(tls.insecure)
 
 
 class TokenBucket:
@@ -197,7 +229,7 @@ class OutboxPublisher:
 
     Args:
         outbox: the queue to drain; the caller keeps owning it (and closes it).
-        url: ``mqtt://[user[:password]@]host[:port]``.
+        url: ``mqtt://[user[:password]@]host[:port]``, or ``mqtts://`` for TLS.
         site: the gateway's site id (status topic and events).
         gateway_id: the gateway id; also the default MQTT client id ``mw-edge-{site}-{gw}``.
         username, password: broker credentials; override those in the URL.
@@ -220,6 +252,7 @@ class OutboxPublisher:
             outbox again; the longest delay between an append and its publish when idle.
         protocol: ``"5"`` (default) or ``"3.1.1"`` for brokers without MQTT 5 (the embedded
             amqtt broker); 3.1.1 has no PUBACK reason codes, so nothing is ever refused.
+        tls: TLS files for an ``mqtts://`` URL (default: the system's CAs).
 
     """
 
@@ -245,8 +278,9 @@ class OutboxPublisher:
         agent_version: str | None = None,
         poll_s: float = 0.02,
         protocol: MqttProtocol = "5",
+        tls: TlsOptions | None = None,
     ) -> None:
-        address = parse_broker_url(url)
+        address = parse_broker_url(url, tls)
         if max_in_flight < 1:
             msg = f"max_in_flight must be at least 1, got {max_in_flight}"
             raise ValueError(msg)
@@ -288,6 +322,7 @@ class OutboxPublisher:
             address.port,
             username if username is not None else address.username,
             password if password is not None else address.password,
+            address.tls,
         )
         # Counters (read from any thread; written by the publisher thread only).
         self.published = 0  # outbox messages handed to the broker, resends included
@@ -525,8 +560,7 @@ class OutboxPublisher:
         )
         client.max_inflight_messages_set(0)  # we keep our own window; paho must not queue
         client.connect_timeout = self.connect_timeout_s
-        if self._address.username is not None:
-            client.username_pw_set(self._address.username, self._address.password)
+        apply_address(client, self._address)
         death = self._status(DeviceState.DEATH, "connection lost (last will)")
         client.will_set(self.status_topic, encode(death), qos=1, retain=True)
         client.on_connect = self._on_connect

@@ -21,6 +21,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
@@ -29,7 +30,7 @@ from prometheus_client import start_http_server
 from rich.console import Console
 from rich.markup import escape
 
-from edge_agent.publisher import BrokerAddress, parse_broker_url
+from edge_agent.publisher import BrokerAddress, TlsOptions, parse_broker_url
 from mesh_bridge.identity import Identity
 from mesh_bridge.route import Router
 from mesh_bridge.shell import Bridge, BridgeSettings, Job, Liveness, SiteBroker, Source
@@ -121,11 +122,16 @@ def _address(broker: BrokerConfig, section: str) -> BrokerAddress:
     if broker.url.startswith("embedded:"):
         msg = f"the bridge needs a real broker: set {section}.url to mqtt://host:port"
         raise ValueError(msg)
-    address = parse_broker_url(broker.url)
+    tls, files = broker.tls, None
+    if tls is not None:
+        paths = (tls.ca_file, tls.cert_file, tls.key_file)
+        files = TlsOptions(*(str(path) if path else None for path in paths),
+                           insecure=tls.insecure)
+    address = parse_broker_url(broker.url, files)
     if broker.username is None:
         return address
     password = broker.password.get_secret_value() if broker.password else None
-    return BrokerAddress(address.host, address.port, broker.username, password)
+    return replace(address, username=broker.username, password=password)
 
 
 def _registry(config: Config) -> Registry:

@@ -62,7 +62,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_agent.mqtt_input import Delivery
-from edge_agent.publisher import BrokerAddress, MqttProtocol, paho_protocol
+from edge_agent.publisher import BrokerAddress, MqttProtocol, apply_address, paho_protocol
 from mesh_bridge.coalesce import DEFAULT_MAX_READINGS, Coalescer, MeshMessage
 from mesh_bridge.route import Incoming, Routed, Router
 from meshwatch.backoff import Backoff
@@ -231,8 +231,7 @@ class SiteConsumer:
                              protocol=paho_protocol(site.protocol),
                              clean_session=None if v5 else False, manual_ack=True)
         client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(settings.reconnect_max_s)))
-        if self.address.username is not None:
-            client.username_pw_set(self.address.username, self.address.password)
+        apply_address(client, self.address)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -383,8 +382,7 @@ class CloudLink:
                              protocol=paho_protocol(s.cloud_protocol),
                              clean_session=None if v5 else True, userdata=self.generation)
         client.max_inflight_messages_set(0)  # bounded by max_in_flight site messages
-        if self.address.username is not None:
-            client.username_pw_set(self.address.username, self.address.password)
+        apply_address(client, self.address)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish

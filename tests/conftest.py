@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import InfluxDB1, Mosquitto, PostgreSQL, VictoriaMetrics
+from servers import InfluxDB1, Mosquitto, Pki, PostgreSQL, VictoriaMetrics, make_pki
 
 from models.edge.train import TrainedModel, TrainSettings, train_edge_model, write_package
 
@@ -35,6 +35,12 @@ def cloud(tmp_path: Path) -> Iterator[Mosquitto]:
     base.mkdir()
     with Mosquitto(base) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A test CA, a server certificate for 127.0.0.1, and an unrelated CA (openssl CLI)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

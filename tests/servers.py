@@ -34,6 +34,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, LiteralString, Self
@@ -344,6 +345,35 @@ class Server:
             log.write(text)
 
 
+@dataclass(frozen=True)
+class Pki:
+    """A test PKI: a CA, a server certificate for 127.0.0.1/localhost, and an unrelated CA."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    other_ca: Path
+
+
+def make_pki(directory: Path) -> Pki:
+    """Create a test PKI with the openssl CLI in ``directory`` (2-day certificates)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    for name in ("test-ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2",
+                "-subj", f"/CN={name}")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "test-ca.crt", "-CAkey", "test-ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    return Pki(directory / "test-ca.crt", directory / "server.crt", directory / "server.key",
+               directory / "other-ca.crt")
+
+
 class Mosquitto(Server):
     """Mosquitto MQTT broker with persistence and no QoS1 drop limits.
 
@@ -362,6 +392,21 @@ class Mosquitto(Server):
     default_binary = "/usr/sbin/mosquitto"
     debian_package = "mosquitto"
 
+    def __init__(self, base_dir: str | os.PathLike[str], *, tls: Pki | None = None,
+                 **options: Any) -> None:
+        """``tls`` adds a TLS listener (anonymous too) on ``tls_port`` with ``tls.cert``."""
+        super().__init__(base_dir, **options)
+        self.tls = tls
+        self.tls_port = free_port() if tls is not None else None
+
+    @property
+    def tls_url(self) -> str:
+        """``mqtts://127.0.0.1:TLS_PORT``."""
+        if self.tls_port is None:
+            msg = "this broker has no TLS listener: pass tls=make_pki(...)"
+            raise RuntimeError(msg)
+        return f"mqtts://{self.host}:{self.tls_port}"
+
     @property
     def url(self) -> str:
         """``mqtt://127.0.0.1:PORT``."""
@@ -378,7 +423,9 @@ class Mosquitto(Server):
         self.config_path.write_text(
             "\n".join(
                 [
+                    "per_listener_settings false",
                     f"listener {self.port} {self.host}",
+                    *self._tls_listener(),
                     "allow_anonymous true",
                     "persistence true",
                     f"persistence_location {self.data_dir}/",
@@ -399,6 +446,12 @@ class Mosquitto(Server):
                 ]
             )
         )
+
+    def _tls_listener(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [f"listener {self.tls_port} {self.host}", f"cafile {self.tls.ca}",
+                f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
 
     def _command(self) -> list[str]:
         return [self.binary, "-c", str(self.config_path)]

@@ -14,13 +14,14 @@ import pytest
 from bridge_support import DEVICES, GATEWAYS, P, healthz, spawn_bridge, write_config
 from mqtt_ledger import Ledger, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
-from servers import Mosquitto, free_port
+from servers import Mosquitto, Pki, free_port
 
-from edge_agent.publisher import parse_broker_url
-from mesh_bridge.command import serve_healthz
+from edge_agent.publisher import TlsOptions, parse_broker_url
+from mesh_bridge.command import bridge_settings, serve_healthz
 from mesh_bridge.identity import Identity
 from mesh_bridge.route import Router
-from mesh_bridge.shell import Bridge, BridgeSettings, SiteBroker
+from mesh_bridge.shell import Bridge, BridgeSettings, CloudLink, Liveness, SiteBroker
+from meshwatch.config import load_config
 from meshwatch.contract import (
     DeadLetter,
     DeviceStatus,
@@ -269,3 +270,35 @@ def test_bridge_refuses_a_config_it_cannot_run(tmp_path: Path, capsys: pytest.Ca
     config.write_text('[mesh_broker]\nurl = "mqtt://127.0.0.1:2"\n')  # site broker: embedded
     assert main(["bridge", "--config", str(config)]) == 2
     assert "set site broker.url to mqtt://" in capsys.readouterr().err
+
+
+def test_bridge_talks_tls_to_both_brokers(tmp_path: Path, pki: Pki) -> None:
+    """Site and cloud over mqtts:// with the test CA, as `meshwatch bridge` reads them."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "cloud").mkdir()
+    with Mosquitto(tmp_path / "site", tls=pki) as site, \
+            Mosquitto(tmp_path / "cloud", tls=pki) as cloud:
+        config = tmp_path / "bridge.toml"
+        tls = f'[{{section}}.tls]\nca_file = "{pki.ca}"\n'
+        config.write_text(
+            f'[site_broker]\nurl = "{site.tls_url}"\n{tls.format(section="site_broker")}'
+            f'[mesh_broker]\nurl = "{cloud.tls_url}"\n{tls.format(section="mesh_broker")}'
+            f'[bridge]\nclient_id = "bridge-tls"\n')
+        settings = bridge_settings(load_config(config))
+        assert settings.sites[0].address.tls is not None
+        assert settings.sites[0].address.port == site.tls_port
+        service = Bridge(settings, Router(Identity(Registry([])), partitions=P))
+        service.start()
+        publisher, ledger = SitePublisher(site), mesh_ledger(cloud)  # plain listeners
+        try:
+            assert service.site.subscribed.wait(10), "no TLS session with the site broker"
+            publisher.send([birth("gw-0"), *[telemetry("gw-0", s) for s in range(1, 6)]])
+            ledger.wait_for({(d, s) for d in DEVICES["gw-0"] for s in range(1, 6)},
+                            EXPECT_WAIT_S)
+        finally:
+            ledger.close()
+            publisher.close()
+            assert service.stop(5)
+        wrong = replace(settings.cloud, tls=TlsOptions(ca_file=str(pki.other_ca)))
+        link = CloudLink(replace(settings, cloud=wrong), Liveness(1.0), lambda event: None)
+        assert not link.connect(), "a server certificate from another CA must be refused"

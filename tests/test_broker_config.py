@@ -16,14 +16,13 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from servers import Mosquitto, free_port
+from servers import Mosquitto, Pki, free_port
 
 import mesh_bridge.broker_config as broker_config
 from mesh_bridge.broker_config import (
@@ -44,43 +43,6 @@ mtr-2,customer_meter,dma-01,dma-01,gw-2,900
 mtr-3,customer_meter,dma-02,dma-02,gw-3,900
 """
 WAIT_S = 5.0
-
-
-# -- a test PKI made with the openssl CLI -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    cert: Path
-    key: Path
-    other_ca: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _make_ca(directory: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2",
-             "-subj", f"/CN={name}", cwd=directory)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    _make_ca(directory, "test-ca")
-    _make_ca(directory, "other-ca")
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost",
-             cwd=directory)
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "test-ca.crt", "-CAkey", "test-ca.key",
-             "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext",
-             cwd=directory)
-    return Pki(directory / "test-ca.crt", directory / "server.crt", directory / "server.key",
-               directory / "other-ca.crt")
 
 
 # -- a broker that runs the generated configuration -------------------------------------------

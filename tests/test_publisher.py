@@ -567,7 +567,7 @@ def test_token_bucket_refills_at_its_rate_and_caps_bursts() -> None:
 @pytest.mark.parametrize(
     ("url", "error"),
     [
-        ("tcp://broker:1883", "only mqtt:// is supported"),
+        ("tcp://broker:1883", "use mqtt://host:port, or mqtts://"),
         ("mqtt://:1883", "has no host"),
         ("mqtt://broker:99999", "bad port"),
     ],
