@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import Mosquitto
 
 from edge_agent.publisher import parse_broker_url
-from mesh_bridge.identity import Identity
-from mesh_bridge.route import Router
+from mesh_bridge.routing import RouterSpec
 from mesh_bridge.shell import Bridge, BridgeSettings, SiteBroker
 from meshwatch.contract import Reading, TelemetryBatch, encode, topics
 from meshwatch.registry import Device, DeviceKind, Registry
@@ -93,6 +92,7 @@ class Counter:
 
     def __init__(self, cloud: Mosquitto, topic_filter: str) -> None:
         self.messages = self.readings = 0
+        self.first_at = 0.0
         self._subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"count-{topic_filter}")
         self.client.on_message = self._on_message
@@ -104,16 +104,19 @@ class Counter:
             raise RuntimeError("the counter could not subscribe")
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if not self.messages:
+            self.first_at = time.perf_counter()
         self.messages += 1
         self.readings += msg.payload.count(b'"device_id"')
 
-    def wait_readings(self, readings: int) -> None:
-        """Wait until ``readings`` arrived."""
+    def wait_readings(self, readings: int) -> float:
+        """Wait until ``readings`` arrived; the seconds from the first arrival to the last."""
         deadline = time.monotonic() + TIMEOUT_S
         while self.readings < readings:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {self.readings} of {readings} readings arrived")
             time.sleep(0.001)
+        return time.perf_counter() - self.first_at
 
     def close(self) -> None:
         self.client.disconnect()
@@ -176,17 +179,14 @@ class Relay:
             self.site.ack(site_mid, 1)
 
 
-def bridge_settings(site: Mosquitto, cloud: Mosquitto) -> BridgeSettings:
-    """The bridge's settings: defaults, but a long heartbeat so it does not add traffic."""
-    return BridgeSettings(sites=(SiteBroker(parse_broker_url(site.url)),),
-                          cloud=parse_broker_url(cloud.url), client_id="bench-bridge",
-                          max_in_flight=IN_FLIGHT, heartbeat_s=5.0)
-
-
-def make_bridge(site: Mosquitto, cloud: Mosquitto, gateways: int, partitions: int) -> Bridge:
-    """A bridge whose registry owns every device."""
-    return Bridge(bridge_settings(site, cloud),
-                  Router(Identity(registry(gateways)), partitions=partitions))
+def make_bridge(site: Mosquitto, cloud: Mosquitto, gateways: int, partitions: int,
+                processes: int) -> Bridge:
+    """A bridge with default settings whose registry owns every device (own session)."""
+    settings = BridgeSettings(sites=(SiteBroker(parse_broker_url(site.url)),),
+                              cloud=parse_broker_url(cloud.url),
+                              client_id=f"bench-bridge-{processes}", max_in_flight=IN_FLIGHT,
+                              routing_processes=processes)
+    return Bridge(settings, RouterSpec(registry(gateways), partitions=partitions))
 
 
 def main() -> None:
@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--gateways", type=int, default=10)
     parser.add_argument("--batches", type=int, default=300, help="batches per gateway")
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
+                        help="bridge router processes to compare (default: 1 2)")
     args = parser.parse_args()
     messages = backlog(args.gateways, args.batches)
     total_readings = len(messages) * READINGS
@@ -201,16 +203,17 @@ def main() -> None:
         (Path(base) / "site").mkdir()
         (Path(base) / "cloud").mkdir()
         with Mosquitto(Path(base) / "site") as site, Mosquitto(Path(base) / "cloud") as cloud:
-            # 1. Sessions: both consumers subscribe once, then go away.
-            bridge = make_bridge(site, cloud, args.gateways, args.partitions)
-            bridge.start()
-            if not bridge.site.subscribed.wait(10):
-                raise RuntimeError("the bridge could not subscribe")
-            bridge.stop(5)
+            # 1. Sessions: every consumer subscribes once, then goes away.
+            for processes in args.processes:
+                bridge = make_bridge(site, cloud, args.gateways, args.partitions, processes)
+                bridge.start()
+                if not bridge.site.subscribed.wait(10):
+                    raise RuntimeError("the bridge could not subscribe")
+                bridge.stop(5)
             relay = Relay(site, cloud)
             relay.start()
             relay.stop()
-            # 2. The backlog, queued in both sessions.
+            # 2. The backlog, queued in every session.
             publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
             publisher.max_inflight_messages_set(1000)
             publisher.connect(site.host, site.port)
@@ -220,22 +223,20 @@ def main() -> None:
                 info.wait_for_publish(TIMEOUT_S)
             publisher.disconnect()
             publisher.loop_stop()
-            # 3. Drain, one consumer at a time.
+            # 3. Drain, one consumer at a time, timed from the first arrival to the last.
             results = {}
-            counter = Counter(cloud, topics.subscription("mesh_telemetry"))
-            bridge = make_bridge(site, cloud, args.gateways, args.partitions)
-            start = time.perf_counter()
-            bridge.start()
-            counter.wait_readings(total_readings)
-            results["bridge"] = (time.perf_counter() - start, counter.messages)
-            bridge.stop(10)
-            counter.close()
+            for processes in args.processes:
+                counter = Counter(cloud, topics.subscription("mesh_telemetry"))
+                bridge = make_bridge(site, cloud, args.gateways, args.partitions, processes)
+                bridge.start()
+                seconds = counter.wait_readings(total_readings)
+                results[f"bridge, {processes} router process(es)"] = (seconds, counter.messages)
+                bridge.stop(10)
+                counter.close()
             counter = Counter(cloud, RELAY_TOPIC)
             relay = Relay(site, cloud)
-            start = time.perf_counter()
             relay.start()
-            counter.wait_readings(total_readings)
-            results["relay"] = (time.perf_counter() - start, counter.messages)
+            results["relay"] = (counter.wait_readings(total_readings), counter.messages)
             relay.stop()
             counter.close()
     print(f"{args.gateways} gateways x {args.batches} batches x {READINGS} readings = "

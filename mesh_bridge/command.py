@@ -11,7 +11,8 @@ manual acknowledgement), ``mesh_broker`` (published to at QoS1), ``mesh.partitio
 ``bridge.healthz_port`` serves ``GET /healthz``: 200 ``ok`` while a heartbeat or a forwarded
 message went through the cloud broker within ``bridge.healthy_within_s``, else 503.
 ``bridge.metrics_port`` serves Prometheus metrics. SIGTERM and Ctrl-C stop consuming, wait up
-to ``bridge.shutdown_timeout_s`` for the PUBACKs of what is held, acknowledge it and exit 0.
+to ``bridge.shutdown_timeout_s`` for the PUBACKs of what is held, acknowledge it and exit 0;
+an internal failure (a router process died) exits 1.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from edge_agent.publisher import BrokerAddress, TlsOptions, parse_broker_url
-from mesh_bridge.identity import Identity
-from mesh_bridge.route import Router
+from mesh_bridge.routing import RouterSpec
 from mesh_bridge.shell import Bridge, BridgeSettings, Job, Liveness, SiteBroker, Source
 from meshwatch.config import BrokerConfig, Config, ConfigError, load_config
 from meshwatch.logs import configure_logging
@@ -61,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"[red]cannot start the bridge:[/red] {escape(str(exc))}", highlight=False,
                   soft_wrap=True)
         return 2
-    late_horizon_ms = int(config.bridge.late_horizon_s * 1000)
-    router = Router(Identity(registry), partitions=config.mesh.partitions,
-                    late_horizon_ms=late_horizon_ms)
-    bridge = Bridge(settings, router, extra_sources=_opcua_sources(config, settings))
+    b = config.bridge
+    routing = RouterSpec(registry, partitions=config.mesh.partitions,
+                         late_horizon_ms=int(b.late_horizon_s * 1000),
+                         mesh_batch_readings=b.mesh_batch_readings, linger_s=b.linger_ms / 1000)
+    bridge = Bridge(settings, routing, extra_sources=_opcua_sources(config, settings))
     stop = threading.Event()
     _on_signals(stop)
     if config.bridge.metrics_port:
@@ -75,8 +76,13 @@ def run(args: argparse.Namespace) -> int:
     log.info("bridging %s to %s in %d partitions",
              ", ".join(source.name for source in bridge.sources),
              f"{settings.cloud.host}:{settings.cloud.port}", config.mesh.partitions)
-    stop.wait()
-    flushed = bridge.stop(config.bridge.shutdown_timeout_s)
+    while not stop.wait(0.5) and not bridge.failed:
+        pass
+    try:
+        flushed = bridge.stop(config.bridge.shutdown_timeout_s)
+    except RuntimeError as exc:
+        log.error("%s; what was not acknowledged comes again at the next start", exc)
+        return 1
     log.info("stopped; %s", "everything held was acknowledged" if flushed else
              f"{bridge.in_flight} site messages stay unacknowledged and come again next start")
     return 0
@@ -94,8 +100,7 @@ def bridge_settings(config: Config) -> BridgeSettings:
         client_id=b.client_id,
         keepalive_s=config.mesh_broker.keepalive_s,
         max_in_flight=b.max_in_flight,
-        mesh_batch_readings=b.mesh_batch_readings,
-        linger_s=b.linger_ms / 1000,
+        routing_processes=b.routing_processes,
         heartbeat_s=b.heartbeat_s,
         healthy_within_s=b.healthy_within_s,
         reconnect_max_s=b.reconnect_max_s,

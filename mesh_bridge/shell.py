@@ -1,14 +1,18 @@
-"""The bridge's I/O shell: site broker in, :class:`Router` in the middle, cloud broker out.
+"""The bridge's I/O process: sources in, router processes in the middle, cloud broker out.
 
-**Threads.**
+**Threads and processes.** Everything meets on one event queue, read by one worker thread:
 
-- *Site network thread* (paho ``loop_start``): :class:`SiteConsumer` receives a site message,
-  takes one in-flight slot (waiting while ``max_in_flight`` site messages are unacknowledged)
-  and queues it with its :class:`~edge_agent.mqtt_input.Delivery`. It never routes.
-- *Worker thread* (:meth:`Bridge._run`): the only thread that touches the router (it is not
-  thread-safe) and the cloud client (:class:`CloudLink`, driven with ``client.loop()``). It
-  routes queued messages, publishes every output at QoS1, matches PUBACKs, acknowledges site
-  messages and publishes the heartbeat.
+- *Sources* put :class:`Job` items: a :class:`SiteConsumer` per site broker (paho network
+  thread; it takes one in-flight slot per message, waiting while ``max_in_flight`` are
+  unacknowledged) and optionally the OPC-UA source (:mod:`mesh_bridge.opcua_source`).
+- *Router processes* (:mod:`mesh_bridge.routing`) decode, validate, authorize, de-duplicate,
+  partition and coalesce; their answers (:class:`~mesh_bridge.routing.RoutingResult`) come back
+  as events through a reader thread each.
+- *The cloud connection* (:class:`CloudLink`, a paho client with its own network thread) puts
+  PUBACKs and its loss as events.
+- *Worker thread* (:meth:`Bridge._run`): sends jobs to the routers, publishes every output at
+  QoS1, matches PUBACKs, acknowledges site messages and publishes the heartbeat. It blocks on
+  the queue, so it wakes as soon as anything happens.
 - Any other thread may read :class:`Liveness` and :class:`Metrics` (``/healthz``,
   ``/metrics``) and call :meth:`Bridge.stop`.
 
@@ -37,6 +41,8 @@ in the session's queue; on MQTT 3.1.1 the site network thread waits for a slot i
   router forwards them: duplicates downstream, no loss.
 - *A PUBACK with a failure code*: logged and counted in ``rejected``; the output stays pending
   and is sent again after the next reconnect (mosquitto drops the connection after refusing).
+- *A router process dies*: the worker stops with an error (:attr:`Bridge.failed`), so the
+  service exits non-zero; what was not acknowledged comes again to the next process.
 
 **Liveness.** Every ``heartbeat_s`` the worker publishes a heartbeat on
 ``mw/v1/bridge/{client_id}/heartbeat`` and subscribes to it; the bridge is healthy while
@@ -63,8 +69,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_agent.mqtt_input import Delivery
 from edge_agent.publisher import BrokerAddress, MqttProtocol, apply_address, paho_protocol
-from mesh_bridge.coalesce import DEFAULT_MAX_READINGS, Coalescer, MeshMessage
-from mesh_bridge.route import Incoming, Routed, Router
+from mesh_bridge.coalesce import MeshMessage
+from mesh_bridge.ledger import Counts
+from mesh_bridge.route import Incoming
+from mesh_bridge.routing import RouterFailed, RouterPool, RouterSpec, RoutingResult
 from meshwatch.backoff import Backoff
 from meshwatch.contract import topics
 
@@ -93,8 +101,8 @@ class SiteBroker:
 class BridgeSettings:
     """How the bridge connects and how much it holds; see the module doc.
 
-    ``max_in_flight`` bounds the site messages held per source; ``mesh_batch_readings`` and
-    ``linger_s`` say when coalesced mesh batches are closed (:mod:`mesh_bridge.coalesce`).
+    ``max_in_flight`` bounds the site messages held per source; ``routing_processes`` is how
+    many router processes decode and route (:mod:`mesh_bridge.routing`).
     """
 
     sites: tuple[SiteBroker, ...]
@@ -104,8 +112,7 @@ class BridgeSettings:
     session_expiry_s: int = 7 * 24 * 3600
     keepalive_s: int = 30
     max_in_flight: int = 500
-    mesh_batch_readings: int = DEFAULT_MAX_READINGS
-    linger_s: float = 0.05
+    routing_processes: int = 1
     heartbeat_s: float = 5.0
     healthy_within_s: float = 15.0
     connect_timeout_s: float = 5.0
@@ -154,9 +161,8 @@ class Metrics:
         self.cloud_connected = Gauge(p + "cloud_connected", "1 while the cloud link is up",
                                      registry=r)
 
-    def routed(self, routed: Routed) -> None:
+    def routed(self, c: Counts, lag_ms: int | None) -> None:
         """Count one routed site message."""
-        c = routed.counts
         self.messages_in.inc()
         self.readings_in.inc(c.readings_in)
         self.forwarded.inc(c.forwarded)
@@ -164,8 +170,8 @@ class Metrics:
         self.late.inc(c.late)
         for reason, n in c.dead_letters.items():
             self.dead_letters.labels(reason).inc(n)
-        if routed.lag_ms is not None:
-            self.lag.observe(max(0, routed.lag_ms) / 1000)
+        if lag_ms is not None:
+            self.lag.observe(max(0, lag_ms) / 1000)
 
 
 def _connect_properties(session_expiry_s: int, receive_max: int | None) -> Properties:
@@ -319,12 +325,15 @@ class SiteConsumer:
 class _Held:
     """A site message being bridged.
 
-    ``waiting`` counts the outputs holding its readings that are not PUBACKed yet (open
-    coalescer batches included); at 0, and once every earlier one is done, it is acknowledged.
+    Once ``routed``, ``waiting`` counts the outputs holding its readings that are not PUBACKed
+    yet (open coalescer batches included); at 0, and once every earlier one is done, it is
+    acknowledged.
     """
 
     job: Job
-    waiting: int
+    job_id: int
+    routed: bool = False
+    waiting: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +352,7 @@ class _Lost:
     generation: int
 
 
-_Event = Job | _PubAck | _Lost
+_Event = Job | _PubAck | _Lost | RoutingResult | RouterFailed
 
 
 class CloudLink:
@@ -467,19 +476,18 @@ class CloudLink:
 
 
 class Bridge:
-    """Site sources to the cloud broker through a :class:`Router`; see the module doc.
+    """Site sources to the cloud broker through router processes; see the module doc.
 
     Usage: ``start()``, then ``stop(timeout_s)`` from any thread (it returns whether every
     held message was acknowledged). ``extra_sources`` are built with the function that queues
     a :class:`Job` (the bridge's OPC-UA input, :mod:`mesh_bridge.opcua_source`).
     """
 
-    def __init__(self, settings: BridgeSettings, router: Router,
+    def __init__(self, settings: BridgeSettings, routing: RouterSpec,
                  metrics: Metrics | None = None,
                  extra_sources: Callable[[Callable[[Job], None]], list[Source]] | None = None,
                  ) -> None:
         self.settings = settings
-        self.router = router
         self.metrics = metrics if metrics is not None else Metrics()
         self.liveness = Liveness(settings.healthy_within_s)
         self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
@@ -487,13 +495,16 @@ class Bridge:
         self.sites = [SiteConsumer(settings, site, put) for site in settings.sites]
         self.sources: list[Source] = [*self.sites, *(extra_sources(put) if extra_sources else [])]
         self.cloud = CloudLink(settings, self.liveness, put)
-        self.coalescer: Coalescer[_Held] = Coalescer(router.partitions,
-                                                     settings.mesh_batch_readings)
+        self.routers = RouterPool(routing, settings.routing_processes, put)
+        self._linger_s = routing.linger_s
         self._held: deque[_Held] = deque()
+        self._by_job: dict[int, _Held] = {}
+        self._next_job = 0
+        self._to_route: list[tuple[int, Incoming]] = []
+        self._flush_asked_at: float | None = None
         self._outputs: dict[int, MeshMessage[_Held]] = {}  # not PUBACKed, in creation order
         self._next_output = 0
         self._by_mid: dict[int, int] = {}  # packet id -> output number, this connection
-        self._opened_at: float | None = None  # when the coalescer's oldest open batch began
         self._stopping = threading.Event()
         self._deadline = float("inf")
         self._next_heartbeat = 0.0
@@ -511,8 +522,14 @@ class Bridge:
         """Site messages held (routed, waiting for PUBACKs or for earlier ones)."""
         return len(self._held)
 
+    @property
+    def failed(self) -> bool:
+        """Whether the worker stopped on an error (:meth:`stop` raises it)."""
+        return self._error is not None
+
     def start(self) -> None:
-        """Start the worker and the sources."""
+        """Start the router processes, the worker and the sources."""
+        self.routers.start()
         self._thread.start()
         for source in self.sources:
             source.start()
@@ -533,6 +550,7 @@ class Bridge:
         self._thread.join(timeout_s + self.settings.connect_timeout_s + 5)
         for source in self.sources:
             source.close()
+        self.routers.stop()
         if self._error is not None:
             msg = f"the bridge worker thread failed: {self._error!r}; see the log"
             raise RuntimeError(msg) from self._error
@@ -553,6 +571,7 @@ class Bridge:
         except BaseException as exc:  # reported by stop()
             log.exception("the bridge worker thread stopped")
             self._error = exc
+            self._stopping.set()
 
     def _pause(self, delay: float) -> None:
         """Wait before reconnecting; stop() cuts it short, but flushing keeps retrying."""
@@ -567,13 +586,11 @@ class Bridge:
         return (not self._held and self._events.empty()) or time.monotonic() >= self._deadline
 
     def _step(self) -> None:
-        """Handle the events that are there (waiting a little for one), then flush and ack."""
+        """Handle the events that are there (waiting a little for one), then route and ack."""
         now = time.monotonic()
-        wake = self._next_heartbeat
-        if self._opened_at is not None:
-            wake = min(wake, self._opened_at + self.settings.linger_s)
         try:
-            event: _Event | None = self._events.get(timeout=min(max(0.0, wake - now), POLL_S))
+            event: _Event | None = self._events.get(
+                timeout=min(max(0.0, self._next_heartbeat - now), POLL_S))
         except queue.Empty:
             event = None
         handled = 0
@@ -586,24 +603,35 @@ class Bridge:
                 event = self._events.get_nowait()
             except queue.Empty:
                 event = None
+        if self._to_route:
+            self.routers.route(self._to_route)
+            self._to_route = []
         if not self.cloud.connected:
             return
         now = time.monotonic()
-        if self._opened_at is not None and (
-            now - self._opened_at >= self.settings.linger_s
-            or len(self._held) >= self.settings.max_in_flight or self._stopping.is_set()
-        ):
-            self._opened_at = None
-            for message in self.coalescer.flush():
-                self._emit(message)
+        self._ask_flush(now)
         self._release()
-        if now >= self._next_heartbeat and self.cloud.connected:
+        if now >= self._next_heartbeat:
             self.cloud.heartbeat()
             self._next_heartbeat = now + self.settings.heartbeat_s
 
+    def _ask_flush(self, now: float) -> None:
+        """When no more input can come (window full, or stopping), close open batches now."""
+        asked = self._flush_asked_at
+        if asked is not None and now - asked < self._linger_s:
+            return
+        if len(self._held) >= self.settings.max_in_flight or (
+                self._stopping.is_set() and self._held):
+            self.routers.flush()
+            self._flush_asked_at = now
+
     def _handle(self, event: _Event) -> None:
         if isinstance(event, Job):
-            self._route(event)
+            self._take(event)
+        elif isinstance(event, RoutingResult):
+            self._routed(event)
+        elif isinstance(event, RouterFailed):
+            raise RuntimeError(event.why)
         elif event.generation != self.cloud.generation:
             return  # of an older connection
         elif isinstance(event, _PubAck):
@@ -613,21 +641,28 @@ class Bridge:
             self.metrics.cloud_connected.set(0)
             self._by_mid.clear()
 
-    def _route(self, job: Job) -> None:
-        routed = self.router.route(job.incoming)
-        self.metrics.routed(routed)
-        held = _Held(job, len(routed.messages) + len(routed.batches))
+    def _take(self, job: Job) -> None:
+        job_id = self._next_job
+        self._next_job += 1
+        held = _Held(job, job_id)
         self._held.append(held)
+        self._by_job[job_id] = held
+        self._to_route.append((job_id, job.incoming))
         self.metrics.in_flight.set(len(self._held))
-        for message in routed.messages:
-            self._emit(MeshMessage(message.topic, message.payload, [held], 0))
-        if routed.batches:
-            if self._opened_at is None:
-                self._opened_at = time.monotonic()
-            for full in self.coalescer.add(held, routed.batches):
-                self._emit(full)
-            if not len(self.coalescer):
-                self._opened_at = None
+
+    def _routed(self, result: RoutingResult) -> None:
+        self._flush_asked_at = None
+        by_job = self._by_job
+        for job in result.jobs:
+            held = by_job[job.job_id]
+            held.routed = True
+            held.waiting += len(job.messages) + job.parts
+            self.metrics.routed(job.counts, job.lag_ms)
+            for message in job.messages:
+                self._emit(MeshMessage(message.topic, message.payload, [held], 0))
+        for mesh in result.mesh:
+            owners = [by_job[job_id] for job_id in mesh.owners]
+            self._emit(MeshMessage(mesh.topic, mesh.payload, owners, mesh.readings))
 
     def _emit(self, message: MeshMessage[_Held]) -> None:
         number = self._next_output
@@ -670,8 +705,9 @@ class Bridge:
 
     def _release(self) -> None:
         held = self._held
-        while held and not held[0].waiting:
+        while held and held[0].routed and not held[0].waiting:
             done = held.popleft()
+            del self._by_job[done.job_id]
             if done.job.source.ack(done.job.delivery):
                 self.metrics.site_acked.inc()
         self.metrics.in_flight.set(len(held))

@@ -270,6 +270,7 @@ class BridgeConfig(_Section):
     client_id: str = "mw-bridge"
     site_brokers: list[BrokerConfig] = []
     max_in_flight: int = Field(500, ge=1, le=65_535)
+    routing_processes: int = Field(1, ge=1, le=64)
     mesh_batch_readings: int = Field(500, ge=1, le=10_000)
     linger_ms: int = Field(50, ge=0, le=60_000)
     late_horizon_s: float = Field(3600.0, ge=0)
@@ -297,6 +298,84 @@ class BridgeConfig(_Section):
         return self
 
 
+class CrewConfig(_Section):
+    """A field crew of ``meshwatch remediation``: where it works, what it can fix, its token."""
+
+    crew_id: str
+    districts: list[str] = []
+    skills: list[Literal["pipes", "meters"]] = ["pipes", "meters"]
+    capacity: int = Field(5, ge=1, le=1000)
+    token: SecretStr | None = None
+
+    @field_validator("crew_id")
+    @classmethod
+    def _crew_id(cls, value: str) -> str:
+        return _topic_level(value)
+
+
+class RemediationConfig(_Section):
+    """``meshwatch remediation``: intake, correlation, SLAs, notifications, API and crews."""
+
+    client_id: str = "mw-remediation"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65_535)
+    operator_tokens: list[SecretStr] = []
+    correlation_window_s: float = Field(6 * 3600.0, gt=0)
+    sla_ack_s: list[float] = [900.0, 3600.0, 4 * 3600.0, 24 * 3600.0]
+    sla_resolve_s: list[float] = [4 * 3600.0, 24 * 3600.0, 72 * 3600.0, 168 * 3600.0]
+    sla_check_s: float = Field(30.0, gt=0)
+    batch_max: int = Field(200, ge=1, le=10_000)
+    webhook_url: str | None = None
+    webhook_retries: int = Field(5, ge=0, le=100)
+    webhook_backoff_max_s: float = Field(60.0, gt=0)
+    saved_horizon_h: float = Field(720.0, ge=0)
+    crews: list[CrewConfig] = []
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str) -> str:
+        return _topic_level(value)
+
+    @field_validator("sla_ack_s", "sla_resolve_s")
+    @classmethod
+    def _per_priority(cls, value: list[float]) -> list[float]:
+        if len(value) != 4 or any(not (v > 0 and math.isfinite(v)) for v in value):
+            msg = f"give 4 positive seconds, for priorities 1 (most urgent) to 4, got {value!r}"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_http(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in {"http", "https"}:
+            msg = f"webhook_url must start with http:// or https://, got {mask_url(url)!r}"
+            raise ValueError(msg)
+        return url
+
+
+class FlowConfig(_Section):
+    """``meshwatch flow``: the bytewax dataflow (source sessions, ordering, gaps, sinks)."""
+
+    client_id: str = "mw-flow"
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=60, le=2**32 - 1)
+    receive_maximum: int = Field(1000, ge=1, le=65_535)
+    shards_per_partition: int = Field(4, ge=1, le=1024)
+    allowed_lateness_s: float = Field(60.0, ge=0)
+    gap_fill_max_intervals: int = Field(4, ge=1, le=1000)
+    dedup_window: int = Field(1024, ge=1, le=1_000_000)
+    idle_flush_s: float = Field(5.0, gt=0)
+    workers: int = Field(1, ge=1, le=256)
+    snapshot_interval_s: float = Field(5.0, gt=0)
+    recovery_dir: Path | None = None
+    lake_dir: Path | None = None
+    write_retry_max_s: float = Field(10.0, gt=0, le=3600)
+
+    @field_validator("client_id")
+    @classmethod
+    def _topic_safe(cls, value: str) -> str:
+        return _topic_level(value)
+
+
 class Config(BaseSettings):
     """Everything a Meshwatch service reads at start-up."""
 
@@ -313,6 +392,8 @@ class Config(BaseSettings):
     opcua: list[OpcUaServerConfig] = []
     edge: EdgeConfig = EdgeConfig()
     bridge: BridgeConfig = BridgeConfig()
+    flow: FlowConfig = FlowConfig()
+    remediation: RemediationConfig = RemediationConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

@@ -26,8 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from servers import Mosquitto, free_port
 
 from edge_agent.publisher import parse_broker_url
-from mesh_bridge.identity import Identity
-from mesh_bridge.route import Router
+from mesh_bridge.routing import RouterSpec
 from mesh_bridge.shell import Bridge, BridgeSettings, SiteBroker
 from meshwatch.contract import (
     ContractError,
@@ -127,7 +126,7 @@ def test_site_broker_restart_loses_nothing(mosquitto: Mosquitto, cloud: Mosquitt
         sites=(SiteBroker(parse_broker_url(mosquitto.url)),), cloud=parse_broker_url(cloud.url),
         client_id="bridge-site-restart", max_in_flight=20, heartbeat_s=0.2,
         healthy_within_s=1.0, reconnect_max_s=1.0, connect_timeout_s=2.0)
-    bridge = Bridge(settings, Router(Identity(Registry([])), partitions=P))  # births grant
+    bridge = Bridge(settings, RouterSpec(Registry([]), partitions=P))  # births grant
     bridge.start()
     publisher = RetryingPublisher(mosquitto)
     try:

@@ -17,9 +17,8 @@ from mqtt_ledger import Ledger, wait_until
 from servers import Mosquitto, free_port
 
 from edge_agent.publisher import parse_broker_url
-from mesh_bridge.identity import Identity
 from mesh_bridge.opcua_source import OpcUaSource
-from mesh_bridge.route import Router
+from mesh_bridge.routing import RouterSpec
 from mesh_bridge.shell import Bridge, BridgeSettings, Job, SiteBroker, Source
 from meshwatch.config import OpcUaServerConfig
 from meshwatch.contract import topics
@@ -69,7 +68,7 @@ def test_opcua_server_restart_loses_nothing_the_bridge_received(
                               cloud=parse_broker_url(cloud.url), client_id="bridge-opcua",
                               heartbeat_s=0.2, reconnect_max_s=1.0, connect_timeout_s=2.0)
     # An empty registry: the source's birth is what grants its devices.
-    bridge = Bridge(settings, Router(Identity(Registry([])), partitions=4), extra_sources=opcua)
+    bridge = Bridge(settings, RouterSpec(Registry([]), partitions=4), extra_sources=opcua)
     ledger = Ledger(cloud, "opcua-ledger", topics.subscription("mesh_telemetry"),
                     topics.subscription("dead_letter"))
     bridge.start()

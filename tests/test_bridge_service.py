@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -18,8 +19,7 @@ from servers import Mosquitto, Pki, free_port
 
 from edge_agent.publisher import TlsOptions, parse_broker_url
 from mesh_bridge.command import bridge_settings, serve_healthz
-from mesh_bridge.identity import Identity
-from mesh_bridge.route import Router
+from mesh_bridge.routing import RouterSpec
 from mesh_bridge.shell import Bridge, BridgeSettings, CloudLink, Liveness, SiteBroker
 from meshwatch.config import load_config
 from meshwatch.contract import (
@@ -108,7 +108,7 @@ def settings(site: Mosquitto, cloud: Mosquitto, **overrides: object) -> BridgeSe
 
 @pytest.fixture
 def bridge(mosquitto: Mosquitto, cloud: Mosquitto) -> Iterator[Bridge]:
-    service = Bridge(settings(mosquitto, cloud), Router(Identity(Registry([])), partitions=P))
+    service = Bridge(settings(mosquitto, cloud), RouterSpec(Registry([]), partitions=P))
     service.start()
     assert service.site.subscribed.wait(10), "the bridge did not subscribe on the site broker"
     yield service
@@ -223,13 +223,14 @@ def test_healthz_follows_the_cloud_broker(bridge: Bridge, cloud: Mosquitto) -> N
         server.shutdown()
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_two_site_brokers_into_one_mesh(mosquitto: Mosquitto, cloud: Mosquitto,
-                                        tmp_path: Path) -> None:
+                                        tmp_path: Path, processes: int) -> None:
     (tmp_path / "site-b").mkdir()
     with Mosquitto(tmp_path / "site-b") as site_b:
-        both = settings(mosquitto, cloud, client_id="bridge-2s")
+        both = settings(mosquitto, cloud, client_id="bridge-2s", routing_processes=processes)
         both = replace(both, sites=(*both.sites, SiteBroker(parse_broker_url(site_b.url))))
-        service = Bridge(both, Router(Identity(Registry([])), partitions=P))
+        service = Bridge(both, RouterSpec(Registry([]), partitions=P))
         service.start()
         publishers = [SitePublisher(mosquitto), SitePublisher(site_b)]
         ledger = mesh_ledger(cloud)
@@ -287,7 +288,7 @@ def test_bridge_talks_tls_to_both_brokers(tmp_path: Path, pki: Pki) -> None:
         settings = bridge_settings(load_config(config))
         assert settings.sites[0].address.tls is not None
         assert settings.sites[0].address.port == site.tls_port
-        service = Bridge(settings, Router(Identity(Registry([])), partitions=P))
+        service = Bridge(settings, RouterSpec(Registry([]), partitions=P))
         service.start()
         publisher, ledger = SitePublisher(site), mesh_ledger(cloud)  # plain listeners
         try:
@@ -302,3 +303,33 @@ def test_bridge_talks_tls_to_both_brokers(tmp_path: Path, pki: Pki) -> None:
         wrong = replace(settings.cloud, tls=TlsOptions(ca_file=str(pki.other_ca)))
         link = CloudLink(replace(settings, cloud=wrong), Liveness(1.0), lambda event: None)
         assert not link.connect(), "a server certificate from another CA must be refused"
+
+
+def test_a_dead_router_process_stops_the_service_with_an_error(
+    mosquitto: Mosquitto, cloud: Mosquitto, tmp_path: Path, site_pub: SitePublisher,
+) -> None:
+    log, port = tmp_path / "bridge.log", free_port()
+    config = write_config(tmp_path, mosquitto, cloud, "bridge-die", port)
+    proc = spawn_bridge(config, log)
+    try:
+        wait_until(lambda: healthz(port) == 200, what="the bridge to be up")
+        children = router_children(proc.pid)
+        assert children, "a router process runs beside the bridge"
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+        assert proc.wait(20) == 1, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "router process 0 died" in log.read_text()
+
+
+def router_children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` that run a bridge router (from /proc)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"multiprocessing" in cmdline:
+                children.append(int(child))
+    return children
