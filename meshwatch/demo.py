@@ -9,13 +9,17 @@ What runs, in order of the data path:
 3. one edge agent per gateway, each with its durable outbox and the edge model (trained on
    the first run into ``OUT/edge-model``); the SCADA gateway of district 1 reads its pump
    station over OPC-UA instead of from the simulator;
-4. a mesh-side subscriber that counts what reaches the broker, per gateway, by
-   ``(device, seq)``.
+4. the mesh bridge (:mod:`mesh_bridge.shell`, with its router process) from the site broker
+   into the cloud mesh (a second embedded broker, or the same ``--broker``), validating
+   against the registry the simulator writes into ``OUT/registry.csv``;
+5. subscribers that count what reaches the site broker and, through the bridge, the mesh,
+   per gateway, by ``(device, seq)``.
 
-It ends with a table per gateway (readings sent and received, missing, scores, edge alerts)
-and exits 1 if any reading an agent accepted did not reach the broker. This module belongs to
-the command-line layer: it is the one place besides :mod:`meshwatch.cli` that wires other
-packages together, and it imports them only when the demo runs.
+It ends with a table per gateway (readings sent, at the site broker, in the mesh, missing,
+scores, edge alerts) and exits 1 if any reading an agent accepted did not reach the mesh.
+This module belongs to the command-line layer: it is the one place besides
+:mod:`meshwatch.cli` that wires other packages together, and it imports them only when the
+demo runs.
 """
 
 from __future__ import annotations
@@ -36,7 +40,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from meshwatch.contract import Alert, ContractError, EdgeScore, TelemetryBatch, decode_event, topics
+from meshwatch.contract import (
+    Alert,
+    ContractError,
+    DeadLetter,
+    EdgeScore,
+    TelemetryBatch,
+    decode_event,
+    topics,
+)
 
 OPCUA_DISTRICT = 1
 OPCUA_SPEED = 3600.0  # one simulated hour per second
@@ -75,13 +87,16 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     model = _edge_model(args.out / "edge-model", console)
-    broker = None if args.broker else EmbeddedBroker().start()
-    url = args.broker or broker.url  # type: ignore[union-attr]
+    brokers = [] if args.broker else [EmbeddedBroker().start(), EmbeddedBroker().start()]
+    url = args.broker or brokers[0].url
+    mesh_url = args.broker or brokers[1].url
     protocol: MqttProtocol = "5" if args.broker else MQTT_PROTOCOL
     sim_config = SimConfig(fleet=FleetConfig(meters=args.meters, districts=args.districts),
                            days=args.days, seed=args.seed)
     simulator = FleetSimulator(sim_config)
-    mesh = _MeshCounter(url, protocol)
+    site_counter = _Counter(url, protocol, ("site_telemetry", "site_scores", "site_alerts"))
+    mesh = _Counter(mesh_url, protocol, ("mesh_telemetry", "dead_letter"))
+    bridge = _bridge(args.out, simulator, url, mesh_url, protocol)
 
     station_config = SimConfig(fleet=sim_config.fleet, days=365, seed=args.seed,
                                speed=OPCUA_SPEED)
@@ -139,13 +154,39 @@ def run(args: argparse.Namespace) -> int:
         drained = {gateway: agent.close(timeout_s=DELIVERY_TIMEOUT_S)
                    for gateway, agent in agents.items()}
     opcua_sent = int(agents[scada].final_stats["readings_in"]) - len(sent[scada])
+    site_counter.wait_for(sent, DELIVERY_TIMEOUT_S)
     mesh.wait_for(sent, DELIVERY_TIMEOUT_S)
+    bridged = bridge.stop(DELIVERY_TIMEOUT_S)
+    site_counter.close()
     mesh.close()
-    if broker is not None:
+    for broker in brokers:
         broker.stop()
-    missing = _report(console, agents, sent, mesh, drained, opcua_sent, scada,
+    missing = _report(console, agents, sent, site_counter, mesh, drained, opcua_sent, scada,
                       time.monotonic() - started)
+    _report_bridge(console, bridge, mesh, bridged)
     return 1 if missing or interrupted else 0
+
+
+def _bridge(out: Path, simulator: Any, site_url: str, mesh_url: str, protocol: str) -> Any:
+    """The mesh bridge from the site broker to the mesh, started and subscribed."""
+    from edge_agent.publisher import parse_broker_url
+    from mesh_bridge.routing import RouterSpec
+    from mesh_bridge.shell import Bridge, BridgeSettings, SiteBroker
+    from meshwatch.registry import load_registry
+    from simulators.output import write_registry
+
+    write_registry(out / "registry.csv", simulator.fleet, simulator.config)
+    settings = BridgeSettings(
+        sites=(SiteBroker(parse_broker_url(site_url), protocol),),  # type: ignore[arg-type]
+        cloud=parse_broker_url(mesh_url), cloud_protocol=protocol,  # type: ignore[arg-type]
+        client_id="demo-bridge")
+    bridge = Bridge(settings, RouterSpec(load_registry(out / "registry.csv"),
+                                         partitions=4))
+    bridge.start()
+    if not bridge.site.subscribed.wait(30):
+        msg = f"the demo's bridge cannot subscribe at {site_url}"
+        raise RuntimeError(msg)
+    return bridge
 
 
 def _edge_model(directory: Path, console: Console) -> Any:
@@ -175,15 +216,17 @@ def _feed_opcua(agent: Any, readings: queue.SimpleQueue[Any]) -> None:
 
 
 @dataclass
-class _MeshCounter:
-    """A QoS1 subscriber counting what reaches the broker, per gateway."""
+class _Counter:
+    """A QoS1 subscriber counting what reaches a broker on ``kinds`` of topics, per gateway."""
 
     url: str
     protocol: str
+    kinds: tuple[str, ...]
     received: dict[str, set[tuple[str, int]]] = field(default_factory=lambda: defaultdict(set))
     duplicates: Counter[str] = field(default_factory=Counter)
     windows: Counter[str] = field(default_factory=Counter)
     alerts: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
     undecodable: int = 0
 
     def __post_init__(self) -> None:
@@ -198,8 +241,7 @@ class _MeshCounter:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
                                   protocol=paho_protocol(self.protocol))
         self.client.on_connect = lambda client, *_: client.subscribe(
-            [(topics.subscription(kind), 1)
-             for kind in ("site_telemetry", "site_scores", "site_alerts")])
+            [(topics.subscription(kind), 1) for kind in self.kinds])
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message
         self.client.connect(address.host, address.port)
@@ -226,6 +268,8 @@ class _MeshCounter:
                 self.windows[event.gateway_id] += len(event.windows)
             elif isinstance(event, Alert) and event.status == "open":
                 self.alerts[str(event.evidence.get("gateway_id"))] += 1
+            elif isinstance(event, DeadLetter):
+                self.dead_letters[event.reason] += 1
 
     def wait_for(self, sent: dict[str, set[tuple[str, int]]], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -241,30 +285,47 @@ class _MeshCounter:
 
 
 def _report(console: Console, agents: dict[str, Any], sent: dict[str, set[tuple[str, int]]],
-            mesh: _MeshCounter, drained: dict[str, bool], opcua_sent: int, scada: str,
-            elapsed: float) -> int:
-    table = Table("gateway", "sent", "at broker", "missing", "dups", "windows", "alerts",
-                  "outbox", title="edge agents → broker, counted by (device, seq)",
-                  caption="dups: readings that arrived twice (the simulator sends duplicates"
-                  " on purpose; consumers de-duplicate by device and seq); windows: feature"
-                  " windows scored at the edge; alerts: edge alerts opened")
+            site: _Counter, mesh: _Counter, drained: dict[str, bool], opcua_sent: int,
+            scada: str, elapsed: float) -> int:
+    table = Table("gateway", "sent", "at site broker", "in the mesh", "missing", "dups",
+                  "windows", "alerts", "outbox",
+                  title="edge agents → site broker → bridge → mesh, counted by (device, seq)",
+                  caption="missing: sent but not in the mesh; dups: readings that reached the"
+                  " site broker twice (the simulator sends duplicates on purpose; the bridge"
+                  " drops them); windows: feature windows scored at the edge; alerts: edge"
+                  " alerts opened")
     total_missing = 0
     for gateway, agent in agents.items():
         stats = agent.final_stats
-        received = mesh.received[gateway]
-        missing = len(sent[gateway] - received)
+        in_mesh = mesh.received[gateway]
+        missing = len(sent[gateway] - in_mesh)
         total_missing += missing
         label = gateway + (" +OPC-UA" if gateway == scada else "")
-        table.add_row(label, f"{stats['readings_in']:,}", f"{len(received):,}",
-                      f"[red]{missing:,}[/red]" if missing else "0",
-                      f"{mesh.duplicates[gateway]:,}", f"{mesh.windows[gateway]:,}",
-                      f"{mesh.alerts[gateway]:,}", "empty" if drained[gateway] else "kept")
+        table.add_row(label, f"{stats['readings_in']:,}", f"{len(site.received[gateway]):,}",
+                      f"{len(in_mesh):,}", f"[red]{missing:,}[/red]" if missing else "0",
+                      f"{site.duplicates[gateway]:,}", f"{site.windows[gateway]:,}",
+                      f"{site.alerts[gateway]:,}", "empty" if drained[gateway] else "kept")
     console.print(table)
     total = sum(agent.final_stats["readings_in"] for agent in agents.values())
-    console.print(f"{total:,} readings through {len(agents)} edge agents in {elapsed:.1f} s;"
-                  f" {opcua_sent:,} of them read over OPC-UA from {scada}'s pump station;"
-                  f" {'nothing lost' if not total_missing else f'{total_missing:,} MISSING'}.")
+    verdict = f"{total_missing:,} MISSING" if total_missing else "nothing lost"
+    console.print(f"{total:,} readings through {len(agents)} edge agents and the bridge in"
+                  f" {elapsed:.1f} s; {opcua_sent:,} of them read over OPC-UA from {scada}'s"
+                  f" pump station; {verdict}.")
     return total_missing
+
+
+def _report_bridge(console: Console, bridge: Any, mesh: _Counter, flushed: bool) -> None:
+    m = bridge.metrics
+
+    def value(counter: Any) -> int:
+        return int(counter._value.get())
+
+    letters = ", ".join(f"{reason} {n:,}" for reason, n in sorted(mesh.dead_letters.items()))
+    console.print(
+        f"bridge: {value(m.messages_in):,} site messages, {value(m.readings_in):,} readings in,"
+        f" {value(m.forwarded):,} forwarded in {value(m.messages_out):,} mesh messages,"
+        f" {value(m.duplicates):,} duplicates dropped; dead letters: {letters or 'none'};"
+        f" {'all acknowledged' if flushed else 'some left unacknowledged'}.")
 
 
 def _progress(console: Console) -> Progress:
