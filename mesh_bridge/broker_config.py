@@ -19,7 +19,7 @@ Who may do what (every rule comes from the topic contract, so the ACL follows it
   ``site_status``, ``site_raw`` and ``site_dead_letter`` topics, and reads only its own
   ``site_model`` and ``site_raw`` topics; it can never publish a model announcement, nor
   anything of another gateway;
-- **bridge** reads every site topic, writes the mesh partitions and dead letters;
+- **bridge** reads every site topic, writes the mesh partitions, edge alerts and dead letters;
 - **dataflow** reads the mesh partitions and feedback, writes alerts and dead letters;
 - **remediation** reads alerts, writes feedback;
 - **models** (optional) publishes the retained ``site_model`` announcements of every gateway.
@@ -143,6 +143,7 @@ def service_access(role: str) -> Access:
             write=(
                 subscription("mesh_telemetry"),
                 subscription("mesh_scores"),
+                subscription("alerts"),
                 subscription("dead_letter"),
                 subscription("bridge_heartbeat"),
             ),

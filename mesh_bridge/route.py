@@ -6,12 +6,20 @@ Which topic kinds are bridged:
   ``mesh_telemetry(partition_of(device, P))`` as one :class:`PartitionBatch` per partition
   (same site, gateway and ``sent_ms``; readings in their input order, so per-device order
   holds in a partition). :mod:`mesh_bridge.coalesce` merges them into mesh messages.
+- ``site_scores``: decoded as an :class:`EdgeScore`; windows of devices the gateway does not
+  own are dead-lettered (``unauthorized_device``), the rest forwarded to
+  ``mesh_scores(partition_of(device, P))``, one EdgeScore per partition, so the dataflow joins
+  them with the same device's telemetry.
+- ``site_alerts``: decoded as an :class:`Alert` (an edge alert); an alert about a device the
+  gateway does not own is dead-lettered, the rest forwarded unchanged to
+  ``alerts(district or site, kind)`` for remediation.
 - ``site_status``: decoded as a :class:`DeviceStatus` and applied to :class:`Identity` (births
   grant devices, deaths release them); consumed, not forwarded.
 - ``site_dead_letter``: a gateway's own dead letter, decoded as a :class:`DeadLetter` and
   forwarded unchanged to ``dead_letter(reason)``, the reason being the topic's level (the
   broker's ACL vouches for the topic); counted in ``Counts.dead_letters`` under that reason.
-- anything else (scores, alerts, model, raw, mesh topics...): dead-lettered as ``not_bridged``.
+- anything else (model announcements, raw readings, mesh topics...): dead-lettered as
+  ``not_bridged``.
 
 Checks on a telemetry batch, in order; each reading ends in exactly one of forwarded,
 duplicate or dead-lettered (:mod:`mesh_bridge.ledger`):
@@ -58,13 +66,16 @@ from mesh_bridge.dedup import Deduplicator, Seen
 from mesh_bridge.identity import Identity
 from mesh_bridge.ledger import Counts
 from meshwatch.contract import (
+    Alert,
     ContractError,
     DeadLetter,
     DeviceStatus,
+    EdgeScore,
     QualityFlag,
     Reading,
     Reason,
     TelemetryBatch,
+    WindowScore,
     decode,
     encode,
     topics,
@@ -157,6 +168,7 @@ class Router:
         self.late_horizon_ms = late_horizon_ms
         self.dedup = dedup if dedup is not None else Deduplicator()
         self._partition_cache: dict[str, int] = {}
+        self._score_topics = [topics.build("mesh_scores", partition=p) for p in range(partitions)]
 
     def route(self, incoming: Incoming) -> Routed:
         """Decide what ``incoming`` becomes; never raises for any topic or payload."""
@@ -169,6 +181,10 @@ class Router:
             self._telemetry(routed, incoming, topic.params)
         elif topic.kind == "site_status":
             self._status(routed, incoming, topic.params)
+        elif topic.kind == "site_scores":
+            self._scores(routed, incoming, topic.params)
+        elif topic.kind == "site_alerts":
+            self._alert(routed, incoming, topic.params)
         elif topic.kind == "site_dead_letter":
             self._site_dead_letter(routed, incoming, topic.params["reason"])
         else:
@@ -213,9 +229,7 @@ class Router:
         self, counts: Counts, readings: list[Reading], late_before_ms: int
     ) -> dict[int, list[Reading]]:
         check = self.dedup.check
-        cache = self._partition_cache
-        if len(cache) > self.dedup.max_devices:
-            cache.clear()
+        partition_of = self._partition
         groups: dict[int, list[Reading]] = {}
         duplicates = late = beyond = 0
         for reading in readings:
@@ -230,9 +244,7 @@ class Router:
                 late += 1
                 if _LATE not in reading.quality:
                     reading = reading.model_copy(update={"quality": (*reading.quality, _LATE)})
-            partition = cache.get(device_id)
-            if partition is None:
-                partition = cache[device_id] = topics.partition_of(device_id, self.partitions)
+            partition = partition_of(device_id)
             group = groups.get(partition)
             if group is None:
                 groups[partition] = [reading]
@@ -244,18 +256,72 @@ class Router:
         counts.forwarded += len(readings) - duplicates
         return groups
 
+    def _partition(self, device_id: str) -> int:
+        partition = self._partition_cache.get(device_id)
+        if partition is None:
+            if len(self._partition_cache) > self.dedup.max_devices:
+                self._partition_cache.clear()
+            partition = self._partition_cache[device_id] = topics.partition_of(
+                device_id, self.partitions)
+        return partition
+
+    @staticmethod
+    def _not_owned(site: str, gateway_id: str, refused: list[str] | set[str]) -> str:
+        names = ", ".join(sorted(refused))
+        return (f"gateway {gateway_id} at site {site} does not own devices [{names}]; add "
+                f"them to the registry or to its birth message")
+
     def _split_refused(
         self, routed: Routed, incoming: Incoming, batch: TelemetryBatch, refused: set[str]
     ) -> list[Reading]:
         kept = [r for r in batch.readings if r.device_id not in refused]
         spoofed = [r for r in batch.readings if r.device_id in refused]
         routed.counts.dead_lettered += len(spoofed)
-        names = ", ".join(sorted(refused))
-        detail = (f"gateway {batch.gateway_id} at site {batch.site} does not own devices "
-                  f"[{names}]; add them to the registry or to its birth message")
+        detail = self._not_owned(batch.site, batch.gateway_id, refused)
         payload = encode(batch.model_copy(update={"readings": spoofed}))
         self._dead_letter(routed, incoming, BridgeReason.UNAUTHORIZED_DEVICE, detail, payload)
         return kept
+
+    def _scores(self, routed: Routed, incoming: Incoming, where: dict[str, str]) -> None:
+        try:
+            scores = decode(incoming.payload, EdgeScore)
+        except ContractError as exc:
+            self._reject(routed, incoming, exc.reason, exc.detail)
+            return
+        if not self._same_gateway(routed, incoming, scores.site, scores.gateway_id, where):
+            return
+        windows = scores.windows
+        _, refused = self.identity.authorize(scores.site, scores.gateway_id,
+                                             [w.device_id for w in windows])
+        if refused:
+            spoofed = [w for w in windows if w.device_id in refused]
+            windows = [w for w in windows if w.device_id not in refused]
+            detail = self._not_owned(scores.site, scores.gateway_id, refused)
+            payload = encode(scores.model_copy(update={"windows": spoofed}))
+            self._dead_letter(routed, incoming, BridgeReason.UNAUTHORIZED_DEVICE, detail,
+                              payload)
+        groups: dict[int, list[WindowScore]] = {}
+        for window in windows:
+            groups.setdefault(self._partition(window.device_id), []).append(window)
+        for partition, group in sorted(groups.items()):
+            out = scores.model_copy(update={"windows": group})
+            routed.messages.append(Message(self._score_topics[partition], encode(out)))
+
+    def _alert(self, routed: Routed, incoming: Incoming, where: dict[str, str]) -> None:
+        try:
+            alert = decode(incoming.payload, Alert)
+        except ContractError as exc:
+            self._reject(routed, incoming, exc.reason, exc.detail)
+            return
+        if alert.device_id is not None:
+            _, refused = self.identity.authorize(where["site"], where["gateway"],
+                                                 [alert.device_id])
+            if refused:
+                detail = self._not_owned(where["site"], where["gateway"], refused)
+                self._reject(routed, incoming, BridgeReason.UNAUTHORIZED_DEVICE, detail)
+                return
+        topic = topics.alerts(alert.district or where["site"], alert.kind.value)
+        routed.messages.append(Message(topic, incoming.payload))
 
     def _status(self, routed: Routed, incoming: Incoming, where: dict[str, str]) -> None:
         try:

@@ -81,7 +81,7 @@ __all__ = ["Bridge", "BridgeSettings", "CloudLink", "Job", "Liveness", "Metrics"
 
 log = logging.getLogger(__name__)
 
-SITE_KINDS = ("site_status", "site_telemetry", "site_dead_letter")
+SITE_KINDS = ("site_status", "site_telemetry", "site_scores", "site_alerts", "site_dead_letter")
 """Subscribed in this order: births first, so devices are granted before their telemetry."""
 POLL_S = 0.05
 """The longest the worker waits for an event before its housekeeping (stop, heartbeat)."""

@@ -12,11 +12,14 @@ from mesh_bridge.identity import Identity
 from mesh_bridge.ledger import Counts
 from mesh_bridge.route import Incoming, Routed, Router
 from meshwatch.contract import (
+    Alert,
     DeadLetter,
     DeviceStatus,
+    EdgeScore,
     QualityFlag,
     Reading,
     TelemetryBatch,
+    WindowScore,
     decode,
     encode,
     topics,
@@ -81,7 +84,9 @@ def test_valid_batch_is_forwarded_by_partition() -> None:
     (topics.site_telemetry("s1", "gw-ok"), b'{"type": "telemetry"}', "missing_field"),
     (topics.site_telemetry("s1", "gw-ok"), b'{"type": "alert"}', "wrong_type"),
     (topics.site_status("s1", "gw-ok"), b'{"type": "status", "site": "s1"}', "missing_field"),
-    (topics.build("site_alerts", site="s1", gateway="gw-ok"), b"{}", "not_bridged"),
+    (topics.build("site_alerts", site="s1", gateway="gw-ok"), b'{"type": "alert"}',
+     "missing_field"),
+    (topics.build("site_model", site="s1", gateway="gw-ok"), b"{}", "not_bridged"),
     (topics.mesh_telemetry(0), b"{}", "not_bridged"),
 ])
 def test_rejects_become_dead_letters_with_source(topic: str, payload: bytes, reason: str) -> None:
@@ -294,3 +299,45 @@ def test_site_dead_letter_that_is_not_one_is_dead_lettered() -> None:
     topic = topics.build("site_dead_letter", site="s1", gateway="gw-ok", reason="x")
     routed = router().route(Incoming(topic, b'{"type": "telemetry"}', T0 + 5))
     assert [x.reason for x in letters(routed)] == ["wrong_type"]
+
+
+def scores(devices: list[str], gateway: str = "gw-ok") -> EdgeScore:
+    return EdgeScore(site="s1", gateway_id=gateway, model_id="edge-rf", model_version="v1",
+                     windows=[WindowScore(device_id=d, window_start_ms=T0, window_end_ms=T0 + 1,
+                                          score=0.5) for d in devices])
+
+
+def test_edge_scores_go_to_their_devices_partitions_and_spoofs_to_dead_letters() -> None:
+    topic = topics.build("site_scores", site="s1", gateway="gw-ok")
+    routed = router().route(Incoming(topic, encode(scores([*OK_DEVICES, "fz-1"])), T0 + 5))
+    [letter] = letters(routed)
+    assert letter.reason == "unauthorized_device"
+    spoofed = decode(base64.b64decode(letter.payload_b64), EdgeScore)
+    assert [w.device_id for w in spoofed.windows] == ["fz-1"]
+    forwarded_windows = []
+    for message in routed.messages:
+        if "/mesh/scores/" in message.topic:
+            out = decode(message.payload, EdgeScore)
+            part = int(message.topic.rsplit("/", 1)[1])
+            assert {topics.partition_of(w.device_id, 4) for w in out.windows} == {part}
+            assert (out.model_id, out.model_version) == ("edge-rf", "v1")
+            forwarded_windows += [w.device_id for w in out.windows]
+    assert sorted(forwarded_windows) == sorted(OK_DEVICES)
+    mismatch = router().route(Incoming(topic, encode(scores(OK_DEVICES, gateway="gw-1")), T0))
+    assert [x.reason for x in letters(mismatch)] == ["gateway_mismatch"]
+
+
+def test_edge_alerts_are_forwarded_unchanged_unless_about_a_foreign_device() -> None:
+    topic = topics.build("site_alerts", site="s1", gateway="gw-ok")
+
+    def alert(device: str) -> Alert:
+        return Alert(alert_id=f"edge-{device}", device_id=device, kind="burst",
+                     severity="critical", score=0.97, first_ts_ms=T0, last_ts_ms=T0,
+                     model_version="v1")
+
+    ok = encode(alert("ok-1"))
+    routed = router().route(Incoming(topic, ok, T0 + 5))
+    assert routed.messages == [(topics.alerts("s1", "burst"), ok)]
+    [letter] = letters(router().route(Incoming(topic, encode(alert("fz-1")), T0 + 5)))
+    assert letter.reason == "unauthorized_device"
+    assert "does not own devices [fz-1]" in letter.detail

@@ -23,10 +23,13 @@ from mesh_bridge.routing import RouterSpec
 from mesh_bridge.shell import Bridge, BridgeSettings, CloudLink, Liveness, SiteBroker
 from meshwatch.config import load_config
 from meshwatch.contract import (
+    Alert,
     DeadLetter,
     DeviceStatus,
+    EdgeScore,
     Reading,
     TelemetryBatch,
+    WindowScore,
     encode,
     topics,
 )
@@ -333,3 +336,27 @@ def router_children(pid: int) -> list[int]:
             if b"multiprocessing" in cmdline:
                 children.append(int(child))
     return children
+
+
+def test_edge_scores_and_alerts_reach_the_mesh(bridge: Bridge, cloud: Mosquitto,
+                                               site_pub: SitePublisher) -> None:
+    ledger = TopicLedger(cloud, "scores-ledger", topics.subscription("mesh_scores"),
+                         topics.subscription("alerts"))
+    windows = [WindowScore(device_id=d, window_start_ms=T0, window_end_ms=T0 + 60_000, score=0.2)
+               for d in DEVICES["gw-1"]]
+    score = EdgeScore(site="s1", gateway_id="gw-1", model_id="edge-rf", model_version="v3",
+                      windows=windows)
+    alert = Alert(alert_id="edge-gw-1-m0-burst", device_id="gw-1-m0", kind="burst",
+                  severity="critical", score=0.95, first_ts_ms=T0, last_ts_ms=T0,
+                  model_version="v3")
+    site_pub.send([birth("gw-1"), (topics.build("site_scores", site="s1", gateway="gw-1"),
+                                   encode(score)),
+                   (topics.build("site_alerts", site="s1", gateway="gw-1"), encode(alert))])
+    wait_until(lambda: len(ledger.by_topic) >= 2, what="scores and the alert in the mesh")
+    time.sleep(0.3)
+    ledger.close()
+    got_windows = sorted(w.device_id for _, e in ledger.by_topic if isinstance(e, EdgeScore)
+                         for w in e.windows)
+    assert got_windows == sorted(DEVICES["gw-1"])
+    assert [(t, e) for t, e in ledger.by_topic if isinstance(e, Alert)] == [
+        (topics.alerts("s1", "burst"), alert)]
