@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := mosquitto victoria-metrics influxdb postgresql
+APT_PACKAGES := mosquitto victoria-metrics influxdb postgresql chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_DIR ?= demo-out
 
@@ -30,6 +30,7 @@ bench: $(VENV)/.dev-installed servers
 	$(BIN)/python bench/bench_edge_inference.py
 	$(BIN)/python bench/bench_edge_agent.py
 	$(BIN)/python bench/bench_bridge_core.py
+	$(BIN)/python bench/bench_remediation.py
 
 # Install the Debian packages of the servers the tests run, when any is missing.
 servers:

@@ -1,0 +1,209 @@
+"""Field crews that work the remediation API like people would, with outcomes from ground truth.
+
+For demos and load: each crew logs in with its token (``meshwatch remediation``'s API), takes
+its assigned work orders, acknowledges each after a reaction delay, starts after a travel
+delay, and finishes after the repair (or the inspection) takes its time. Delays are drawn from
+log-normal distributions around realistic medians and divided by ``speed`` (a simulated fleet
+runs faster than real time).
+
+What the crew finds comes from the simulator's ground truth (``ground_truth.csv``): a work
+order whose device, or district, had a real incident around the incident's event time is
+resolved with the matching outcome (a leak is a ``confirmed_leak``, a burst a
+``confirmed_burst``, a stuck or drifting meter a ``meter_fault``); where nothing happened it
+is marked a ``false_alarm``.
+
+Run: ``python -m simulators.crews --api http://127.0.0.1:8080 --truth out/ground_truth.csv
+--crew crew-north=TOKEN [--crew ...] --speed 600``
+
+>>> truth = [TruthEpisode("mtr-7", "dma-01", "customer_leak", 1000, 9000),
+...          TruthEpisode(None, "dma-02", "burst", 1000, 2000)]
+>>> outcome_for("mtr-7", "dma-01", 5000, 5000, truth)
+'confirmed_leak'
+>>> outcome_for(None, "dma-02", 1500, 1800, truth)
+'confirmed_burst'
+>>> outcome_for("mtr-8", "dma-01", 5000, 5000, truth)
+'false_alarm'
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import random
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = {"customer_leak": "confirmed_leak", "network_leak": "confirmed_leak",
+            "burst": "confirmed_burst"}
+"""Ground-truth kinds that are not here are meter faults (stuck, stopped, spikes...)."""
+SLACK_MS = 3_600_000
+"""An episode counts if it overlaps the incident's event time give or take this much."""
+MEDIAN_S = {"acknowledged": 5 * 60.0, "in_progress": 30 * 60.0, "repair": 3 * 3600.0,
+            "inspect": 20 * 60.0}
+"""Median real-world seconds: react, travel, repair a real fault, inspect a false alarm."""
+
+
+class TruthEpisode(NamedTuple):
+    """One ground-truth incident: where (device, or None for a district), what, when."""
+
+    device_id: str | None
+    district: str
+    kind: str
+    start_ms: int
+    end_ms: int
+
+
+def load_truth(path: Path) -> list[TruthEpisode]:
+    """Read the simulator's ``ground_truth.csv``."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        return [TruthEpisode(row["device_id"] or None, row["district"], row["kind"],
+                             int(row["start_ms"]), int(row["end_ms"]))
+                for row in csv.DictReader(handle)]
+
+
+def outcome_for(device_id: str | None, district: str, first_ts_ms: int, last_ts_ms: int,
+                truth: list[TruthEpisode]) -> str:
+    """What a crew finds for a work order on ``device_id`` (None: the district)."""
+    for episode in truth:
+        if episode.start_ms > last_ts_ms + SLACK_MS or episode.end_ms < first_ts_ms - SLACK_MS:
+            continue
+        same_place = (episode.device_id == device_id if device_id is not None
+                      else episode.device_id is None and episode.district == district)
+        if same_place:
+            return OUTCOMES.get(episode.kind, "meter_fault")
+    return "false_alarm"
+
+
+def delay_s(step: str, speed: float, rng: random.Random) -> float:
+    """A log-normal delay (sigma 0.5) around the step's median, divided by ``speed``.
+
+    >>> 0 < delay_s("repair", 3600.0, random.Random(1)) < 30
+    True
+    """
+    return MEDIAN_S[step] * math.exp(rng.gauss(0.0, 0.5)) / speed
+
+
+@dataclass
+class _Plan:
+    due: float
+    to: str
+    outcome: str | None = None
+
+
+class CrewSimulator:
+    """Drive every crew's work orders through the API; see the module doc."""
+
+    def __init__(self, api: str, crews: dict[str, str], truth: list[TruthEpisode], *,
+                 speed: float = 60.0, seed: int = 1) -> None:
+        self.api = api.rstrip("/")
+        self.crews = crews
+        self.truth = truth
+        self.speed = speed
+        self.rng = random.Random(seed)
+        self.plans: dict[str, _Plan] = {}
+        self.done: dict[str, str] = {}  # work order -> outcome
+
+    def step(self) -> int:
+        """Look at every crew's active work orders once; act on what is due. Returns actions."""
+        now = time.monotonic()
+        actions = 0
+        for crew, token in self.crews.items():
+            orders = self._get(token, "/api/v1/work-orders?limit=500")["items"]
+            for wo in orders:
+                wid = wo["work_order_id"]
+                plan = self.plans.get(wid)
+                if plan is None or plan.to == "" or self._stale(plan, wo["state"]):
+                    plan = self._plan(token, wo, now)
+                    if plan is None:
+                        continue
+                    self.plans[wid] = plan
+                if plan.due <= now:
+                    body = {"state": plan.to, "note": f"simulated {crew}"}
+                    if plan.outcome is not None and plan.to == "resolved":
+                        body["outcome"] = plan.outcome
+                    self._post(token, f"/api/v1/work-orders/{wid}/transitions", body)
+                    actions += 1
+                    if plan.to in {"resolved", "false_alarm"}:
+                        self.done[wid] = plan.outcome or plan.to
+                    del self.plans[wid]
+        return actions
+
+    def run(self, duration_s: float, poll_s: float = 0.2) -> None:
+        """Step until ``duration_s`` passed."""
+        end = time.monotonic() + duration_s
+        while time.monotonic() < end:
+            self.step()
+            time.sleep(poll_s)
+
+    def _stale(self, plan: _Plan, state: str) -> bool:
+        follows = {"assigned": "acknowledged", "acknowledged": "in_progress"}
+        return follows.get(state, "done") != plan.to and plan.to not in {"resolved",
+                                                                          "false_alarm"}
+
+    def _plan(self, token: str, wo: dict[str, Any], now: float) -> _Plan | None:
+        state = wo["state"]
+        if state == "assigned":
+            return _Plan(now + delay_s("acknowledged", self.speed, self.rng), "acknowledged")
+        if state == "acknowledged":
+            return _Plan(now + delay_s("in_progress", self.speed, self.rng), "in_progress")
+        if state == "in_progress":
+            detail = self._get(token, f"/api/v1/work-orders/{wo['work_order_id']}")
+            incident = detail["incident"]
+            found = outcome_for(wo["device_id"], wo["district"], incident["first_ts_ms"],
+                                incident["last_ts_ms"], self.truth)
+            if found == "false_alarm":
+                return _Plan(now + delay_s("inspect", self.speed, self.rng), "false_alarm",
+                             "false_alarm")
+            return _Plan(now + delay_s("repair", self.speed, self.rng), "resolved", found)
+        return None
+
+    def _get(self, token: str, path: str) -> Any:
+        return self._call(token, "GET", path, None)
+
+    def _post(self, token: str, path: str, body: dict[str, Any]) -> Any:
+        try:
+            return self._call(token, "POST", path, body)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 409:  # someone else moved it meanwhile: re-plan next step
+                log.info("conflict on %s: %s", path, exc.read()[:200])
+                return None
+            raise
+
+    def _call(self, token: str, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        request = urllib.request.Request(
+            self.api + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m simulators.crews``: run crews against a remediation API."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--api", required=True, help="base URL of meshwatch remediation")
+    parser.add_argument("--truth", type=Path, required=True, help="ground_truth.csv")
+    parser.add_argument("--crew", action="append", required=True, metavar="ID=TOKEN")
+    parser.add_argument("--speed", type=float, default=60.0, help="time compression")
+    parser.add_argument("--duration-s", type=float, default=3600.0)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    crews = dict(item.split("=", 1) for item in args.crew)
+    sim = CrewSimulator(args.api, crews, load_truth(args.truth), speed=args.speed,
+                        seed=args.seed)
+    sim.run(args.duration_s)
+    print(json.dumps({"closed": len(sim.done), "outcomes": sim.done}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
