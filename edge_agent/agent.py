@@ -147,7 +147,8 @@ class EdgeAgent:
         """Store a block's readings as telemetry batches; False if shutdown interrupted a wait.
 
         Raises:
-            ValueError: the block belongs to another gateway.
+            ValueError: the block belongs to another gateway, or breaks the contract (a bad
+                device id, a non-finite value...; see :mod:`meshwatch.contract.wire`).
 
         """
         self._swap_offered_model()

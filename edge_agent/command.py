@@ -7,9 +7,10 @@ Inputs, any combination:
 - with ``edge.raw_input_url``, local devices publishing raw readings to the gateway's local
   broker (:mod:`edge_agent.mqtt_input`); bad messages become dead letters in the outbox, and
   a message is acknowledged to that broker only once its reading or dead letter is stored;
-- ``--simulate``: the in-process fleet simulator, keeping the readings of this gateway's
-  devices (for demos and load tests; ``--speed`` paces it, else it runs flat out and the
-  agent exits when the simulated days are over).
+- ``--simulate``: the fleet simulator, run in a child process that sends the readings of
+  this gateway's devices (:mod:`simulators.feed`), so the agent's memory and CPU stay its
+  own (for demos and load tests; ``--speed`` paces it, else it runs flat out and the agent
+  exits when the simulated days are over).
 
 OPC-UA and raw readings arrive on paho's and asyncua's threads and are queued; one loop hands
 them to the agent (:class:`Intake`). While raw messages wait for their acknowledgement, the
@@ -22,6 +23,11 @@ follows its retained model-announcement topic for updates (:mod:`edge_agent.mode
 
 SIGTERM and Ctrl-C stop the inputs, write pending readings to the outbox, wait up to
 ``edge.shutdown_timeout_s`` for the outbox to drain, publish a clean death and exit 0.
+
+Memory: a gateway is small, so what the agent does not need is not imported. onnxruntime
+comes with a model (``edge.model_dir``), asyncua with ``[[opcua]]``, prometheus_client with
+``edge.metrics_port``, rich only for error messages and the final summary, and the simulator
+runs in its own process. The summary reports the agent's own CPU time and peak RSS.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import logging
 import queue
+import resource
 import signal
 import sys
 import threading
@@ -37,15 +44,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 
 from edge_agent.agent import AgentSettings, EdgeAgent
-from edge_agent.metrics import serve_metrics
-from edge_agent.model_updates import watch_models
 from edge_agent.mqtt_input import AckQueue, DeviceReading, InvalidMessage, MqttReadingInput
 from edge_agent.opcua_input import OpcUaInput, OpcUaReading
 from edge_agent.outbox import OutboxError
@@ -53,6 +56,9 @@ from edge_agent.scoring import EdgeScorer
 from meshwatch.config import Config, ConfigError, load_config
 from meshwatch.logs import configure_logging
 from models.edge.package import ModelPackageError, load_package
+
+if TYPE_CHECKING:  # imported when needed (see the module docs)
+    from simulators.feed import BlockFeed
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.05
@@ -78,32 +84,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the agent; returns the exit code."""
-    err = Console(stderr=True)
     try:
         config = load_config(args.config)
         configure_logging(config.log_level)
         settings = agent_settings(config)
-        blocks = _simulated_blocks(args, settings) if args.simulate else None
+        feed = _simulated_blocks(args, settings) if args.simulate else None
     except (ConfigError, ValueError) as exc:
-        err.print(f"[red]cannot start the edge agent:[/red] {exc}", highlight=False)
-        return 2
+        return _refuse("cannot start the edge agent", exc)
+    try:
+        return _run(config, settings, feed)
+    finally:
+        if feed is not None:
+            feed.close()
+
+
+def _run(config: Config, settings: AgentSettings, blocks: BlockFeed | None) -> int:
     try:
         scorer = _scorer(config, settings)
     except ModelPackageError as exc:
-        err.print(f"[red]cannot load the edge model:[/red] {exc}", highlight=False)
-        return 2
+        return _refuse("cannot load the edge model", exc)
     stop = threading.Event()
     try:
         agent = EdgeAgent(settings, devices=_devices(config), scorer=scorer)
     except OutboxError as exc:
-        err.print(f"[red]cannot open the outbox:[/red] {exc}", highlight=False)
-        return 2
+        return _refuse("cannot open the outbox", exc)
     _on_signals(stop, agent)
     agent.start()
     if config.edge.metrics_port:
+        from edge_agent.metrics import serve_metrics  # prometheus_client only when served
+
         serve_metrics([agent], config.edge.metrics_port)
-    watcher = (watch_models(agent, settings.broker_url, config.edge.model_staging_dir)
-               if scorer is not None else None)
+    watcher = None
+    if scorer is not None:
+        from edge_agent.model_updates import watch_models
+
+        watcher = watch_models(agent, settings.broker_url, config.edge.model_staging_dir)
     readings: queue.SimpleQueue[Item] = queue.SimpleQueue()
     inputs = [OpcUaInput(server, readings.put) for server in config.opcua]
     for source in inputs:
@@ -257,20 +272,22 @@ def _devices(config: Config) -> list[str]:
     return sorted({node.device_id for server in config.opcua for node in server.nodes})
 
 
-def _simulated_blocks(args: argparse.Namespace, settings: AgentSettings) -> Iterator[Any]:
-    from simulators import FleetConfig, FleetSimulator, SimConfig
+def _simulated_blocks(args: argparse.Namespace, settings: AgentSettings) -> BlockFeed:
+    """The gateway's blocks from the simulator in a child process (ValueError: bad options)."""
+    from simulators.feed import BlockFeed, FeedOptions
 
-    fleet = FleetConfig(meters=args.meters, districts=args.districts,
-                        meters_per_gateway=args.meters_per_gateway)
-    config = SimConfig(fleet=fleet,
-                       days=args.days, seed=args.seed, speed=args.speed)
-    config.validate()
-    simulator = FleetSimulator(config)
-    if settings.gateway_id not in set(simulator.fleet.gateway_ids.tolist()):
-        msg = (f"the simulated fleet has no gateway {settings.gateway_id}; its gateways are"
-               f" {', '.join(simulator.fleet.gateway_ids.tolist()[:6])}, ...")
-        raise ValueError(msg)
-    return (block for block in simulator if block.gateway_id == settings.gateway_id)
+    return BlockFeed.start(FeedOptions(
+        gateway_id=settings.gateway_id, meters=args.meters, districts=args.districts,
+        meters_per_gateway=args.meters_per_gateway, days=args.days, seed=args.seed,
+        speed=args.speed))
+
+
+def _refuse(what: str, exc: Exception) -> int:
+    """Say why the agent cannot start; returns the exit code (2)."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[red]{what}:[/red] {exc}", highlight=False)
+    return 2
 
 
 def _on_signals(stop: threading.Event, agent: EdgeAgent) -> None:
@@ -284,11 +301,18 @@ def _on_signals(stop: threading.Event, agent: EdgeAgent) -> None:
 
 
 def _print_summary(stats: dict[str, int | float], elapsed: float, drained: bool) -> None:
+    """The run's counters, and the agent's own CPU time and peak RSS (not its children's)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)  # before rich is imported
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table("what", "value", title="edge agent")
     for key in ("readings_in", "messages_out", "dead_letters", "acked", "resent", "reconnects",
                 "queue_depth", "readings_dropped"):
         table.add_row(key, f"{stats.get(key, 0):,}")
     table.add_row("elapsed", f"{elapsed:.1f} s")
+    table.add_row("cpu", f"{own.ru_utime + own.ru_stime:.2f} s")
+    table.add_row("peak rss", f"{own.ru_maxrss / 1024:.1f} MB")
     table.add_row("outbox", "empty" if drained else "kept for the next start")
     table.add_row("stopped at", datetime.now(UTC).isoformat(timespec="seconds"))
     Console().print(table)

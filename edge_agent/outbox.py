@@ -119,6 +119,11 @@ FullPolicy = Literal["refuse", "drop_oldest"]
 ROW_OVERHEAD = 64
 """Bytes counted per message on top of payload, topic and key (ids, flags, SQLite records)."""
 
+CACHE_KIB = 512
+"""SQLite page cache of the outbox connection. The hot pages are few (the tail where appends go,
+the head that is peeked and deleted) and missed pages come from the OS page cache: SQLite's
+default of 2,000 KiB took the same CPU time in an append/peek/ack loop of 48 kB messages and
+added ~1.2 MB to the agent's peak RSS (BENCHMARKS.md, edge agent)."""
 SCHEMA_VERSION = 2
 """Version 2 added the ``urgent`` column; a version-1 file is upgraded in place on open."""
 _DROP_WARNING_EVERY_S = 10.0
@@ -551,6 +556,7 @@ class Outbox:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA journal_size_limit=4194304")  # truncate the WAL to 4 MiB
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version not in (0, 1, SCHEMA_VERSION):
                 msg = (

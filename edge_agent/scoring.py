@@ -4,7 +4,8 @@
 windows that close together are scored in one call of the current
 :class:`models.edge.package.EdgeModel`. Their scores leave as one :class:`EdgeScore` message
 (a batch of window scores, like telemetry) on the gateway's scores topic, carrying the model id
-and version.
+and version, written straight from the score columns (:mod:`meshwatch.contract.wire`). A window
+whose score is not a finite number (a broken model) is logged and left out.
 
 Edge alerts: a device whose score reaches ``threshold`` gets one :class:`Alert` on the
 gateway's alerts topic, at once, without waiting for the cloud. Alert messages are *urgent*
@@ -23,27 +24,24 @@ window spec starts fresh windows; one with the same spec keeps the open windows.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 
 import numpy as np
 
 from edge_agent.outbox import OutgoingMessage
-from meshwatch.contract import (
-    Alert,
-    AlertStatus,
-    EdgeScore,
-    Severity,
-    WindowScore,
-    encode,
-    topics,
-)
+from meshwatch.contract import Alert, AlertStatus, Severity, encode, topics
+from meshwatch.contract.wire import edge_score_payloads
 from models.edge.features import FEATURE_NAMES, ClosedWindows, FeatureWindows, pressure_of
 from models.edge.package import NORMAL_CLASS, EdgeModel
 
 KIND_OF_CLASS = {"leak_like": "leak", "fault_like": "sensor_fault"}
 MAX_WINDOWS_PER_MESSAGE = 10_000
 SCORE_DECIMALS = 4
+ADD_SLICE = 1024
+"""Readings given to the feature windows per call (bounds their temporary arrays)."""
+log = logging.getLogger(__name__)
 LATENCY_BUCKETS_S = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, float("inf"))
 """Upper bounds of the inference-latency histogram (seconds per batched call)."""
 
@@ -83,7 +81,14 @@ class EdgeScorer:
         if flow is None or len(device_ids) == 0:
             return []
         slots = self.windows.slots(device_ids.tolist())
-        closed = self.windows.add(slots, ts_ms, flow, pressure_of(metrics))
+        pressure = pressure_of(metrics)
+        # In slices: the windows' working arrays scale with the readings of one add() call,
+        # and the result does not depend on how readings are split (features.py).
+        closed = ClosedWindows.concat([
+            self.windows.add(slots[i:i + ADD_SLICE], ts_ms[i:i + ADD_SLICE],
+                             flow[i:i + ADD_SLICE],
+                             None if pressure is None else pressure[i:i + ADD_SLICE])
+            for i in range(0, len(slots), ADD_SLICE)])
         return self._score(closed) if len(closed) else []
 
     def flush(self, until_ms: int) -> list[OutgoingMessage]:
@@ -106,20 +111,19 @@ class EdgeScorer:
         scores = np.clip(1.0 - probabilities[:, classes.index(NORMAL_CLASS)], 0.0, 1.0)
         self.windows_scored += len(closed)
         devices = closed.device_ids.tolist()
-        windows = [
-            WindowScore.model_construct(device_id=device, window_start_ms=start,
-                                        window_end_ms=end, score=round(score, SCORE_DECIMALS))
-            for device, start, end, score in zip(devices, closed.start_ms.tolist(),
-                                                 closed.end_ms.tolist(), scores.tolist(),
-                                                 strict=True)
-        ]
+        # Straight from the columns to EdgeScore JSON: no model object per window.
+        rounded = np.array([round(score, SCORE_DECIMALS) for score in scores.tolist()])
+        finite = np.isfinite(rounded)
+        if not finite.all():
+            log.warning("model %s %s gave %d windows no finite score; they are not sent",
+                        model.model_id, model.version, int(len(finite) - finite.sum()))
         messages = [
-            OutgoingMessage(self.scores_topic, encode(EdgeScore(
-                site=self.site, gateway_id=self.gateway_id, model_id=model.model_id,
-                model_version=model.version, windows=windows[i:i + MAX_WINDOWS_PER_MESSAGE],
-            )), key=self.gateway_id)
-            for i in range(0, len(windows), MAX_WINDOWS_PER_MESSAGE)
-        ]
+            OutgoingMessage(self.scores_topic, payload, key=self.gateway_id)
+            for payload in edge_score_payloads(
+                self.site, self.gateway_id, model.model_id, model.version,
+                closed.device_ids[finite].tolist(), closed.start_ms[finite],
+                closed.end_ms[finite], rounded[finite], MAX_WINDOWS_PER_MESSAGE)
+        ] if finite.any() else []
         # Only flagged windows, and windows of flagged devices (they may clear), need Python.
         candidates = np.flatnonzero(scores >= self.threshold).tolist()
         if self._flagged:

@@ -3,7 +3,8 @@
 A :class:`ReadingBlock` is what one gateway sends in one go: readings of one device kind
 (so one set of metric names), as numpy columns. It turns into contract messages with
 :meth:`ReadingBlock.to_batches` (pydantic models) or :meth:`ReadingBlock.to_json_payloads`
-(the same bytes as :func:`meshwatch.contract.encode`, ~10× faster).
+(the same bytes as :func:`meshwatch.contract.encode`, ~10× faster, written by
+:func:`meshwatch.contract.wire.telemetry_payloads`).
 
 >>> import numpy as np
 >>> block = ReadingBlock(
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from meshwatch.contract import SCHEMA_VERSION, Reading, TelemetryBatch
+from meshwatch.contract import Reading, TelemetryBatch
+from meshwatch.contract.wire import telemetry_payloads
 
 MAX_READINGS_PER_BATCH = 10_000
 """The contract's limit of readings in one TelemetryBatch."""
@@ -114,20 +116,12 @@ class ReadingBlock:
     def to_json_payloads(self, max_readings: int = 1000) -> list[bytes]:
         """The JSON payloads :func:`meshwatch.contract.encode` would give for :meth:`to_batches`.
 
-        Floats are written with Python's ``repr``, as pydantic does for these values.
+        Raises ``ValueError`` if the block breaks the contract (see :mod:`meshwatch.contract.wire`).
         """
         _check_batch_size(max_readings)
-        template = ('{"device_id":"%s","ts_ms":%d,"seq":%d,"metrics":{'
-                    + ",".join(f'"{name}":%r' for name in self.metrics)
-                    + '},"quality":[]}')
-        rows = zip(self.device_ids.tolist(), self.ts_ms.tolist(), self.seq.tolist(),
-                   *(values.tolist() for values in self.metrics.values()), strict=True)
-        items = [template % row for row in rows]
-        head = (f'{{"schema_version":"{SCHEMA_VERSION}","type":"telemetry",'
-                f'"site":"{self.site}","gateway_id":"{self.gateway_id}",'
-                f'"sent_ms":{self.sent_ms},"readings":[')
-        return [(head + ",".join(items[i:i + max_readings]) + "]}").encode()
-                for i in range(0, len(items), max_readings)]
+        return telemetry_payloads(self.site, self.gateway_id, self.sent_ms,
+                                  self.device_ids, self.ts_ms, self.seq, self.metrics,
+                                  max_readings)
 
 
 def _check_batch_size(max_readings: int) -> None:

@@ -9,6 +9,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mqtt_ledger import Ledger, wait_until
 from servers import Mosquitto, free_port
@@ -16,7 +17,7 @@ from servers import Mosquitto, free_port
 from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.metrics import serve_metrics
 from edge_agent.scoring import EdgeScorer
-from meshwatch.contract import Alert, EdgeScore, topics
+from meshwatch.contract import Alert, EdgeScore, decode, topics
 from meshwatch.embedded_broker import EmbeddedBroker
 from models.edge.package import load_package
 from models.edge.train import TRAINING_RATES
@@ -222,3 +223,23 @@ def test_a_broker_outage_while_the_agent_publishes_loses_nothing(tmp_path, mosqu
     assert stats["reconnects"] >= 1
     assert _first_arrivals(ledger.arrivals) == _first_arrivals(submitted)
     ledger.close()
+
+
+def test_a_window_without_a_finite_score_is_left_out_of_the_edge_score(edge_model_dir) -> None:
+    model = load_package(edge_model_dir)
+    real = model.probabilities
+
+    def broken(matrix: np.ndarray) -> np.ndarray:  # NaN for the second window, as a bad model
+        result = real(matrix).copy()
+        result[1:2] = np.nan
+        return result
+
+    model.probabilities = broken  # type: ignore[method-assign]
+    scorer = EdgeScorer(model, site="dma-01", gateway_id=GATEWAY, threshold=0.9)
+    hour = 1_767_571_200_000
+    devices = np.array(["mtr-1", "mtr-2", "mtr-1", "mtr-2"], object)
+    ts = np.array([hour, hour, hour + 3_600_000, hour + 3_600_000])
+    messages = scorer.readings(devices, ts, {"flow_lpm": np.array([1.0, 2.0, 1.0, 2.0])})
+    [event] = [decode(m.payload, EdgeScore) for m in messages if m.topic == scorer.scores_topic]
+    assert [w.device_id for w in event.windows] == ["mtr-1"]
+    assert scorer.windows_scored == 2

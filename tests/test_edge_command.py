@@ -57,6 +57,7 @@ def test_a_simulated_run_delivers_every_reading_and_its_scores(
     ledger.wait_for(expected)
     assert "readings_in" in out
     assert "empty" in out  # the outbox drained before exit
+    assert "peak rss" in out  # the agent's own, without its simulator child
     scored = {w.device_id for e in ledger.events if isinstance(e, EdgeScore) for w in e.windows}
     assert len(scored) > 100
     ledger.close()
@@ -115,6 +116,16 @@ def test_opcua_readings_get_seqs_and_reach_the_broker(tmp_path, mosquitto) -> No
     seqs = sorted(seq for device, seq in ledger.received() if device == "dma-01-pump")
     assert seqs == list(range(len(seqs)))  # the agent numbered them, none missing
     ledger.close()
+
+
+def test_a_simulated_gateway_outside_the_fleet_is_refused(tmp_path, mosquitto) -> None:
+    config = _config(tmp_path, mosquitto, gateway_id="dma-09-gw-001")
+    process = _edge(config, "--simulate", *SIM_ARGS)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2
+    assert "has no gateway dma-09-gw-001" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o.db").exists()  # refused before the outbox was opened
 
 
 def test_a_bad_configuration_is_refused_with_a_reason(tmp_path, mosquitto) -> None:

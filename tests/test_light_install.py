@@ -60,12 +60,25 @@ def test_the_edge_extra_installs_no_heavy_distribution() -> None:
     assert {"bytewax", "river", "scikit-learn"} <= _closure("dev")  # the check can fail
 
 
-def test_importing_the_edge_agent_loads_no_heavy_module() -> None:
-    code = ("import sys, json\n" + "".join(f"import {m}\n" for m in EDGE_MODULES)
+def _loaded_by_importing(modules: tuple[str, ...]) -> set[str]:
+    """The names in sys.modules after importing ``modules`` in a fresh interpreter."""
+    code = ("import sys, json\n" + "".join(f"import {m}\n" for m in modules)
             + "print(json.dumps(sorted(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).parent.parent)
-    loaded = set(json.loads(result.stdout))
-    assert {"onnxruntime", "paho", "numpy"} <= loaded
+    return set(json.loads(result.stdout))
+
+
+def test_importing_the_edge_agent_loads_no_heavy_module() -> None:
+    loaded = _loaded_by_importing(EDGE_MODULES)
+    assert {"paho", "numpy"} <= loaded
     assert "asyncua" not in loaded  # only once OPC-UA is configured
     assert not loaded & set(HEAVY_MODULES), sorted(loaded & set(HEAVY_MODULES))
+
+
+def test_the_agent_imports_what_it_serves_only_when_configured() -> None:
+    """RSS on a gateway: onnxruntime (~30 MB with its session) only with a model, etc."""
+    loaded = _loaded_by_importing(("edge_agent.command", "edge_agent.agent"))
+    lazy = {"onnxruntime", "asyncua", "prometheus_client", "rich", "simulators"}
+    assert not loaded & lazy, sorted(loaded & lazy)
+    assert "meshwatch.contract.wire" in loaded  # outgoing events go straight to bytes

@@ -322,7 +322,7 @@ class FeatureWindows:
         capacity = len(self._open)
         if needed <= capacity:
             return
-        extra = max(needed, 2 * capacity) - capacity
+        extra = max(needed, capacity + capacity // 4) - capacity  # amortised O(1), 25% slack
         self._state = np.concatenate([self._state, np.zeros((extra, len(_FIELDS)))])
         self._open = np.concatenate([self._open, np.full(extra, _NO_WINDOW, np.int64)])
         self._floor = np.concatenate([self._floor, np.full(extra, _NO_WINDOW, np.int64)])
