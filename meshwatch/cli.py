@@ -36,6 +36,7 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
     "edge": ("edge_agent.command", "run one gateway's edge agent (store-and-forward, scoring)"),
     "demo": ("meshwatch.demo", "run the whole platform in one process on embedded defaults"),
     "bridge": ("mesh_bridge.command", "bridge site brokers into the cloud mesh (validate, dedup)"),
+    "flow": ("dataflows.command", "run the bytewax dataflow: order, fill gaps, detect, store"),
     "remediation": ("remediation.command", "run incidents, work orders, crew API and pages"),
     "broker-config": (
         "mesh_bridge.broker_config",

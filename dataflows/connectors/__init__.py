@@ -1,0 +1,1 @@
+"""bytewax connectors of the dataflow: MQTT (mesh in, dead letters out), InfluxDB, Parquet."""

@@ -1,0 +1,185 @@
+"""InfluxDB v2 write API sink (InfluxDB 2, or VictoriaMetrics' ``/api/v2/write``).
+
+:class:`InfluxSink` is a bytewax ``FixedPartitionedSink``: one sink partition per mesh
+partition (``p000``, ``p001``...), items routed by shard (a shard lies in one partition), so
+each worker writes the devices of the partitions it owns.
+
+**Points** are identified by measurement, tags and event time, so a replay after a crash
+overwrites what it wrote before:
+
+- ``mw_telemetry,device=D,imputed=false|true <metric>=<value>,... <ts_ms>``: every released
+  reading (late ones too); imputed readings carry ``imputed=true``.
+- ``mw_silence,device=D missed=Ni,last_seen_ms=Ni,resumed=0|1i <ts_ms>``: silence records.
+- ``mw_score,device=D score=<0..1> <ts_ms>``: detector scores, when a detector is plugged in.
+- ``mw_flow,shard=S <counter>=Ni,... <wall ms>``: a shard's cumulative counters (pipeline
+  stats, wall-clock stamped: the newest sample is the current value).
+
+VictoriaMetrics names them ``<measurement>_<field>`` (``mw_telemetry_flow_lpm``).
+
+**Writes** are synchronous, ``batch_size`` lines per request, with influxdb-client's own
+retries off. A request that fails for a reason that may pass (connection refused or reset,
+timeout, 5xx, 429, 401/403/404 while an operator fixes the token or bucket) is retried with
+capped back-off, forever: the bytewax worker waits in ``write_batch``, no epoch completes, no
+message is acknowledged to the broker, and the broker holds the rest. Nothing is dropped.
+A request refused as malformed (400, 422) will never pass: it is logged with the server's
+answer and counted in ``rejected`` (it would be a bug in this module; points are built from
+validated readings).
+
+>>> line_of_point(Point("m1", 1767225600000, 4, {"flow_lpm": 1.5}, Kind.MEASURED))
+'mw_telemetry,device=m1,imputed=false flow_lpm=1.5 1767225600000'
+>>> line_of_point(Point("m1", 1767225660000, -1, {"flow_lpm": 2.0}, Kind.IMPUTED))
+'mw_telemetry,device=m1,imputed=true flow_lpm=2.0 1767225660000'
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from influxdb_client.client.influxdb_client import InfluxDBClient
+from influxdb_client.client.write_api import SYNCHRONOUS
+from influxdb_client.rest import ApiException
+from urllib3.exceptions import HTTPError
+
+from dataflows.ordering import DeviceSilent, Kind, Point
+from dataflows.records import ShardOutput
+from meshwatch.backoff import Backoff
+
+__all__ = ["InfluxSettings", "InfluxSink", "line_of_point", "lines_of", "sink_part_name"]
+
+log = logging.getLogger(__name__)
+
+TELEMETRY = "mw_telemetry"
+SILENCE = "mw_silence"
+STATS = "mw_flow"
+SCORE = "mw_score"
+_NEVER_PASSES = frozenset({400, 422})
+
+
+def sink_part_name(partition: int) -> str:
+    """Sink partition names sort like their numbers (bytewax indexes the sorted names).
+
+    >>> [sink_part_name(p) for p in (0, 12)]
+    ['p000', 'p012']
+    """
+    return f"p{partition:03d}"
+
+
+def line_of_point(point: Point) -> str:
+    """One ``mw_telemetry`` line (ids and metric names need no escaping: see the contract)."""
+    imputed = "true" if point.kind is Kind.IMPUTED else "false"
+    fields = ",".join([f"{name}={value!r}" for name, value in point.metrics.items()])
+    return f"{TELEMETRY},device={point[0]},imputed={imputed} {fields} {point[1]}"
+
+
+def _line_of_silence(s: DeviceSilent) -> str:
+    return (f"{SILENCE},device={s.device_id} missed={s.missed}i,last_seen_ms={s.last_seen_ms}i,"
+            f"resumed={0 if s.resumed_ms is None else 1}i {s.ts_ms}")
+
+
+def lines_of(item: ShardOutput) -> list[str]:
+    """Every line of one shard output: points, silences, then the shard's counters."""
+    lines = [line_of_point(p) for p in item.released.points]
+    lines += [_line_of_silence(s) for s in item.released.silences]
+    lines += [f"{SCORE},device={device} score={score!r} {ts}" for device, ts, score in item.scores]
+    counters = ",".join(f"{name}={value}i" for name, value in item.counts.items())
+    lines.append(f"{STATS},shard={item.shard} {counters} {item.stats_ms}")
+    return lines
+
+
+@dataclass(frozen=True, slots=True)
+class InfluxSettings:
+    """Where and how to write."""
+
+    url: str
+    token: str
+    org: str
+    bucket: str
+    partitions: int
+    batch_size: int = 5000
+    timeout_s: float = 10.0
+    retry_max_s: float = 10.0
+
+
+@dataclass(slots=True)
+class InfluxSinkState:
+    """A sink partition's counters, snapshotted with the epoch."""
+
+    lines: int = 0
+    requests: int = 0
+    retries: int = 0
+    rejected: int = 0
+
+
+class _InfluxPartition(StatefulSinkPartition[ShardOutput, InfluxSinkState]):
+    def __init__(self, settings: InfluxSettings, name: str,
+                 resume: InfluxSinkState | None) -> None:
+        self.settings = settings
+        self.name = name
+        self.state = resume or InfluxSinkState()
+        self._client = InfluxDBClient(url=settings.url, token=settings.token, org=settings.org,
+                                      timeout=int(settings.timeout_s * 1000), retries=0)
+        self._write = self._client.write_api(write_options=SYNCHRONOUS)
+        self._backoff = Backoff(initial_s=0.1, max_s=settings.retry_max_s)
+
+    def write_batch(self, values: list[ShardOutput]) -> None:
+        lines = [line for item in values for line in lines_of(item)]
+        size = self.settings.batch_size
+        for start in range(0, len(lines), size):
+            self._write_chunk(lines[start:start + size])
+
+    def _write_chunk(self, chunk: list[str]) -> None:
+        body = "\n".join(chunk)  # one string: the client's per-record serialization is slow
+        while True:
+            try:
+                self._write.write(self.settings.bucket, self.settings.org, record=body,
+                                  write_precision="ms")  # type: ignore[arg-type]
+            except ApiException as exc:
+                if exc.status in _NEVER_PASSES:
+                    self.state.rejected += len(chunk)
+                    log.error("%s refused %d lines for good (%s): %s", self.settings.url,
+                              len(chunk), exc.status, (exc.body or "")[:500])
+                    return
+                reason = f"HTTP {exc.status} {exc.reason}"
+            except (HTTPError, OSError) as exc:  # refused, reset, timed out
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                self._backoff.reset()
+                self.state.lines += len(chunk)
+                self.state.requests += 1
+                return
+            self.state.retries += 1
+            delay = self._backoff.next_delay()
+            log.warning("write of %d lines to %s failed (%s); retrying in %.2fs, the flow waits",
+                        len(chunk), self.settings.url, reason, delay)
+            time.sleep(delay)
+
+    def snapshot(self) -> InfluxSinkState:
+        s = self.state
+        return InfluxSinkState(s.lines, s.requests, s.retries, s.rejected)
+
+    def close(self) -> None:
+        self._client.close()  # type: ignore[no-untyped-call]
+
+
+class InfluxSink(FixedPartitionedSink[ShardOutput, InfluxSinkState]):
+    """Writes shard outputs keyed by shard number (a string) to InfluxDB; see the module doc."""
+
+    def __init__(self, settings: InfluxSettings) -> None:
+        self.settings = settings
+
+    def list_parts(self) -> list[str]:
+        """One sink partition per mesh partition."""
+        return [sink_part_name(p) for p in range(self.settings.partitions)]
+
+    def part_fn(self, item_key: str) -> int:
+        """A shard's items go to its mesh partition (``shard % partitions``)."""
+        return int(item_key) % self.settings.partitions
+
+    def build_part(self, step_id: str, for_part: str,
+                   resume_state: InfluxSinkState | None) -> _InfluxPartition:
+        """A writer for one sink partition."""
+        return _InfluxPartition(self.settings, for_part, resume_state)
+

@@ -1,0 +1,347 @@
+"""MQTT in and out for the dataflow: the mesh telemetry source and the dead-letter sink.
+
+**Source.** :class:`MeshSource` is a bytewax ``FixedPartitionedSource`` with one partition
+per mesh telemetry partition (``mw/v1/mesh/telemetry/{n}``). Each partition has its own paho
+client (MQTT 5, client id ``{client_id}-p{n}``) with a persistent session: ``clean_start=False``
+on every connect and a session expiry, QoS1 subscription, Receive Maximum, manual acks.
+
+**Ack protocol** (at-least-once in). bytewax calls ``snapshot()`` once per epoch per
+partition and does not start epoch N+1's snapshot until epoch N's is committed. A message is
+*taken* when ``next_batch`` returns it, which puts it in the epoch being built. At snapshot N
+the partition acknowledges what was taken during epoch N-1 (committed by now) and keeps
+what was taken during epoch N pending: acks are one snapshot late. Acking at snapshot N what
+arrived during epoch N loses messages if the process dies before N is durable.
+
+A message is identified by a 64-bit BLAKE2b digest of its payload: a redelivery is byte for
+byte the same, and the digest also covers payloads that do not decode (their dead letter is
+not sent twice). The snapshot holds the digests of the pending messages and of those acked
+in the last ``remember_epochs`` snapshots. After a restart from snapshot N, the broker
+redelivers what was not acked; a message whose digest is in the snapshot is already in the
+restored state, so it is acknowledged and skipped (counted in ``skipped``). Everything else
+is taken again, and its effects are recomputed from the restored state. Within a process,
+a copy of a message still pending (a redelivery on a new connection, or the same bytes
+published twice) is skipped and acknowledged together with the original; acks of an older
+connection are dropped (packet ids are reused per connection) and the broker redelivers
+those messages, which are then skipped. Readings are de-duplicated
+again by ``(device, seq)`` in keyed state, whatever happens here.
+
+Back-pressure: when the flow is blocked (a sink retrying), ``next_batch`` is not called,
+no snapshot completes, no ack is sent, and the broker stops at Receive Maximum; the rest
+waits in the session.
+
+**Dead letters.** :class:`DeadLetterSink` publishes :class:`~meshwatch.contract.DeadLetter`
+events at QoS1 to ``mw/v1/deadletter/{reason}`` and waits for each PUBACK, retrying until it
+comes (at-least-once: a replay after a crash may publish one again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_agent.publisher import BrokerAddress, apply_address
+from meshwatch.backoff import Backoff
+from meshwatch.contract import DeadLetter, encode, topics
+
+__all__ = ["DeadLetterSink", "MeshMessage", "MeshSource", "MqttSourceSettings", "SourceState",
+           "digest"]
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL = timedelta(milliseconds=5)
+
+
+def digest(payload: bytes) -> bytes:
+    """The id of a message: 8 bytes of BLAKE2b over its payload.
+
+    >>> digest(b"{}") == digest(b"{}"), digest(b"{}") == digest(b"[]"), len(digest(b""))
+    (True, False, 8)
+    """
+    return hashlib.blake2b(payload, digest_size=8).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSourceSettings:
+    """How the partitions connect (see the module doc)."""
+
+    broker: BrokerAddress
+    partitions: int
+    client_id: str = "mw-flow"
+    session_expiry_s: int = 7 * 24 * 3600
+    receive_maximum: int = 1000
+    keepalive_s: int = 30
+    max_batch: int = 20
+    remember_epochs: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class MeshMessage:
+    """One taken message: its partition, topic, payload and receive time (UTC ms)."""
+
+    partition: int
+    topic: str
+    payload: bytes
+    received_ms: int
+
+
+@dataclass(slots=True)
+class SourceState:
+    """What a partition snapshots: digests to skip on redelivery, and its counters."""
+
+    skip: frozenset[bytes] = frozenset()
+    taken: int = 0
+    skipped: int = 0
+
+
+@dataclass(slots=True)
+class _Delivery:
+    connection: int
+    mid: int
+
+
+@dataclass(slots=True)
+class _Epoch:
+    """Messages taken in one epoch: digest -> where to ack it (and its copies, if any)."""
+
+    taken: dict[bytes, list[_Delivery]] = field(default_factory=dict)
+
+
+def _connect_properties(session_expiry_s: int, receive_maximum: int) -> Properties:
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = session_expiry_s
+    properties.ReceiveMaximum = receive_maximum
+    return properties
+
+
+class _MeshPartition(StatefulSourcePartition[MeshMessage, SourceState]):
+    def __init__(self, settings: MqttSourceSettings, partition: int,
+                 resume: SourceState | None) -> None:
+        self.settings = settings
+        self.partition = partition
+        self.topic = topics.mesh_telemetry(partition)
+        resume = resume or SourceState()
+        self.taken_count = resume.taken
+        self.skipped_count = resume.skipped
+        self._current = _Epoch()  # taken in the epoch being built
+        self._previous = _Epoch()  # taken in the epoch being committed
+        # digests acked in the last snapshots (and, at first, those of the restored state)
+        self._acked: deque[frozenset[bytes]] = deque(maxlen=settings.remember_epochs)
+        if resume.skip:
+            self._acked.append(resume.skip)
+        self._inbox: queue.SimpleQueue[tuple[int, mqtt.MQTTMessage]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._connection = 0
+        self._connected = False
+        self._closing = False
+        client_id = f"{settings.client_id}-p{partition}"
+        self.client_id = client_id
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5, manual_ack=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        apply_address(client, settings.broker)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+        # clean_start=False on every connect, the first included: a session created clean
+        # is not persisted by mosquitto, and a clean start would drop what waits in it.
+        client.connect_async(settings.broker.host, settings.broker.port,
+                             keepalive=settings.keepalive_s, clean_start=False,
+                             properties=_connect_properties(settings.session_expiry_s,
+                                                            settings.receive_maximum))
+        client.loop_start()
+
+    # paho network thread -------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        if reason_code.is_failure:
+            log.warning("mesh broker refused %s: %s", self.client_id, reason_code)
+            return
+        with self._lock:
+            self._connection += 1
+            self._connected = True
+        log.info("partition %d connected as %s (session present: %s)", self.partition,
+                 self.client_id, flags.session_present)
+        client.subscribe(self.topic, qos=1)  # harmless when the session kept it
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
+                       reason_code: ReasonCode, properties: Properties | None) -> None:
+        with self._lock:
+            self._connected = False
+        if not self._closing:
+            log.warning("partition %d lost the mesh broker (%s); paho reconnects",
+                        self.partition, reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            connection = self._connection
+        self._inbox.put((connection, msg))
+
+    # bytewax worker thread -----------------------------------------------------------------
+
+    def _ack(self, delivery: _Delivery) -> None:
+        with self._lock:
+            current = self._connected and delivery.connection == self._connection
+        if current:  # else the broker redelivers it on the new connection; it is skipped then
+            self._client.ack(delivery.mid, 1)
+
+    def _known(self, key: bytes) -> list[_Delivery] | bool:
+        """The pending deliveries of ``key``; else whether it was acked or restored."""
+        pending = self._current.taken.get(key) or self._previous.taken.get(key)
+        if pending is not None:
+            return pending
+        return any(key in acked for acked in self._acked)
+
+    def next_batch(self) -> list[MeshMessage]:
+        out: list[MeshMessage] = []
+        now_ms = int(time.time() * 1000)
+        for _ in range(self.settings.max_batch):
+            try:
+                connection, msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if msg.qos == 0:  # nothing to acknowledge, nothing to remember
+                out.append(MeshMessage(self.partition, msg.topic, bytes(msg.payload), now_ms))
+                self.taken_count += 1
+                continue
+            payload = bytes(msg.payload)
+            key = digest(payload)
+            known = self._known(key)
+            if isinstance(known, list):  # a copy or redelivery of a pending message: ack it
+                known.append(_Delivery(connection, msg.mid))  # with the original
+                self.skipped_count += 1
+                continue
+            if known:
+                self._ack(_Delivery(connection, msg.mid))
+                self.skipped_count += 1
+                continue
+            self._current.taken[key] = [_Delivery(connection, msg.mid)]
+            self.taken_count += 1
+            out.append(MeshMessage(self.partition, msg.topic, payload, now_ms))
+        return out
+
+    def next_awake(self) -> datetime | None:
+        return None if not self._inbox.empty() else datetime.now(UTC) + IDLE_POLL
+
+    def snapshot(self) -> SourceState:
+        # Epoch N-1 is committed: acknowledge what it took. Epoch N's stay pending.
+        acked = self._previous
+        for deliveries in acked.taken.values():
+            for delivery in deliveries:
+                self._ack(delivery)
+        self._acked.append(frozenset(acked.taken))
+        self._previous, self._current = self._current, _Epoch()
+        skip = frozenset(self._previous.taken).union(*self._acked)
+        return SourceState(skip, self.taken_count, self.skipped_count)
+
+    def close(self) -> None:
+        self._closing = True
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+class MeshSource(FixedPartitionedSource[MeshMessage, SourceState]):
+    """The mesh telemetry topics, one bytewax partition per mesh partition.
+
+    >>> from edge_agent.publisher import BrokerAddress
+    >>> MeshSource(MqttSourceSettings(BrokerAddress("127.0.0.1", 1883), 3)).list_parts()
+    ['0', '1', '2']
+    """
+
+    def __init__(self, settings: MqttSourceSettings) -> None:
+        self.settings = settings
+
+    def list_parts(self) -> list[str]:
+        """Every mesh partition (bytewax assigns each to one worker)."""
+        return [str(p) for p in range(self.settings.partitions)]
+
+    def build_part(self, step_id: str, for_part: str,
+                   resume_state: SourceState | None) -> _MeshPartition:
+        """Connect partition ``for_part``, resuming from its snapshot."""
+        return _MeshPartition(self.settings, int(for_part), resume_state)
+
+
+class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
+    def __init__(self, broker: BrokerAddress, client_id: str, timeout_s: float) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.timeout_s = timeout_s
+        self._client: mqtt.Client | None = None
+        self._backoff = Backoff(initial_s=0.2, max_s=10.0)
+
+    def _connected(self) -> mqtt.Client:
+        while self._client is None:
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                 protocol=mqtt.MQTTv5)
+            apply_address(client, self.broker)
+            try:
+                client.connect(self.broker.host, self.broker.port, keepalive=30)
+            except OSError as exc:
+                delay = self._backoff.next_delay()
+                log.warning("dead letters: cannot reach %s:%d (%s); retry in %.1fs",
+                            self.broker.host, self.broker.port, exc, delay)
+                time.sleep(delay)
+                continue
+            client.loop_start()
+            self._client = client
+        return self._client
+
+    def write_batch(self, items: list[DeadLetter]) -> None:
+        for item in items:
+            payload = encode(item)
+            topic = topics.dead_letter(item.reason)
+            while True:
+                client = self._connected()
+                info = client.publish(topic, payload, qos=1)
+                with contextlib.suppress(RuntimeError, ValueError):  # not sent / timed out
+                    info.wait_for_publish(self.timeout_s)
+                if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and info.is_published():
+                    self._backoff.reset()
+                    break
+                log.warning("dead letter to %s not confirmed (rc %s); reconnecting", topic,
+                            info.rc)
+                self._drop()
+                time.sleep(self._backoff.next_delay())
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def close(self) -> None:
+        self._drop()
+
+
+class DeadLetterSink(DynamicSink[DeadLetter]):
+    """Publishes dead letters at QoS1 to ``mw/v1/deadletter/{reason}``, waiting for PUBACKs."""
+
+    def __init__(self, broker: BrokerAddress, client_id: str = "mw-flow",
+                 timeout_s: float = 10.0) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.timeout_s = timeout_s
+
+    def build(self, step_id: str, worker_index: int,
+              worker_count: int) -> _DeadLetterPartition:
+        """One publisher per worker."""
+        return _DeadLetterPartition(self.broker, f"{self.client_id}-dl-w{worker_index}",
+                                    self.timeout_s)
+
