@@ -35,7 +35,7 @@ import numpy as np
 
 from edge_agent.batcher import ReadingBatcher
 from edge_agent.outbox import Outbox, OutboxFull, OutgoingMessage
-from edge_agent.publisher import MqttProtocol, OutboxPublisher
+from edge_agent.publisher import MqttProtocol, OutboxPublisher, TlsOptions
 from edge_agent.scoring import EdgeScorer
 from meshwatch import __version__
 from meshwatch.contract import DeadLetter, QualityFlag, encode, topics
@@ -83,6 +83,7 @@ class AgentSettings:
     username: str | None = None
     password: str | None = None
     mqtt_protocol: MqttProtocol = "5"
+    tls: TlsOptions | None = None
     outbox_max_bytes: int = 256 * 1024 * 1024
     outbox_full_policy: str = "refuse"
     outbox_synchronous: str = "FULL"
@@ -122,6 +123,7 @@ class EdgeAgent:
             password=settings.password, max_in_flight=settings.max_in_flight,
             rate_limit_per_s=settings.backlog_rate_per_s, heartbeat_s=settings.heartbeat_s,
             devices=devices or (), agent_version=__version__, protocol=settings.mqtt_protocol,
+            tls=settings.tls,
         )
         if scorer is not None:
             self.publisher.model_version = scorer.model.version

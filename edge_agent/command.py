@@ -52,6 +52,7 @@ from edge_agent.agent import AgentSettings, EdgeAgent
 from edge_agent.mqtt_input import AckQueue, DeviceReading, InvalidMessage, MqttReadingInput
 from edge_agent.opcua_input import OpcUaInput, OpcUaReading
 from edge_agent.outbox import OutboxError
+from edge_agent.publisher import TlsOptions
 from edge_agent.scoring import EdgeScorer
 from meshwatch.config import Config, ConfigError, load_config
 from meshwatch.logs import configure_logging
@@ -153,7 +154,7 @@ def agent_settings(config: Config) -> AgentSettings:
         raise ValueError(msg)
     return AgentSettings(
         site=edge.site, gateway_id=edge.gateway_id, broker_url=broker.url,
-        username=broker.username, mqtt_protocol=broker.protocol,
+        username=broker.username, mqtt_protocol=broker.protocol, tls=TlsOptions.of(broker.tls),
         password=broker.password.get_secret_value() if broker.password else None,
         outbox_path=edge.outbox_path, outbox_max_bytes=int(edge.outbox_max_mb * 1024 * 1024),
         outbox_full_policy=edge.outbox_full_policy, outbox_synchronous=edge.outbox_synchronous,

@@ -36,6 +36,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -46,7 +47,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.publisher import MqttProtocol, paho_protocol, parse_broker_url
+from edge_agent.publisher import (
+    MqttProtocol,
+    TlsOptions,
+    apply_address,
+    paho_protocol,
+    parse_broker_url,
+)
 from meshwatch.contract import ContractError, ModelAnnouncement, decode, topics
 from models.edge.package import (
     MANIFEST_FILE,
@@ -172,6 +179,7 @@ class ModelWatcher:
         protocol: MqttProtocol = "5",
         username: str | None = None,
         password: str | None = None,
+        tls: TlsOptions | None = None,
         timeout_s: float = 30.0,
         max_bytes: int = 16 * 1024 * 1024,
         keep: int = 2,
@@ -179,7 +187,10 @@ class ModelWatcher:
         if keep < 1:
             msg = f"keep must be at least 1 (the serving package), got {keep}"
             raise ValueError(msg)
-        self.address = parse_broker_url(broker_url)
+        address = parse_broker_url(broker_url, tls)
+        self.address = replace(
+            address, username=username if username is not None else address.username,
+            password=password if password is not None else address.password)
         self.topic = topics.build("site_model", site=site, gateway=gateway_id)
         self.client_id = f"mw-edge-model-{site}-{gateway_id}"
         self.staging_dir = Path(staging_dir)
@@ -188,8 +199,6 @@ class ModelWatcher:
         self.on_reject = on_reject
         paho_protocol(protocol)  # validates it
         self.protocol = protocol
-        self.username = username if username is not None else self.address.username
-        self.password = password if password is not None else self.address.password
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.keep = keep
@@ -219,8 +228,7 @@ class ModelWatcher:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=paho_protocol(self.protocol))
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        if self.username is not None:
-            client.username_pw_set(self.username, self.password)
+        apply_address(client, self.address)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.connect_async(self.address.host, self.address.port, keepalive=30)
@@ -363,4 +371,5 @@ def watch_models(agent: EdgeAgent, broker_url: str, staging_dir: str | Path) -> 
         on_reject=report_rejection, protocol=agent.settings.mqtt_protocol,
         username=agent.settings.username,
         password=agent.settings.password,
+        tls=agent.settings.tls,
     ).start()

@@ -66,7 +66,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -76,6 +76,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.outbox import Outbox
+
+if TYPE_CHECKING:
+    from meshwatch.config import TLSConfig
 from meshwatch.backoff import Backoff
 from meshwatch.contract import DeviceState, DeviceStatus, encode, topics
 
@@ -124,6 +127,14 @@ class TlsOptions:
     key_file: str | None = None
     insecure: bool = False
     """Skip hostname verification (tests only)."""
+
+    @classmethod
+    def of(cls, tls: TLSConfig | None) -> TlsOptions | None:
+        """The options of a broker's ``tls`` config section (None stays None)."""
+        if tls is None:
+            return None
+        paths = (tls.ca_file, tls.cert_file, tls.key_file)
+        return cls(*(str(path) if path else None for path in paths), insecure=tls.insecure)
 
 
 @dataclass(frozen=True, slots=True)

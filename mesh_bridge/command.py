@@ -127,12 +127,7 @@ def _address(broker: BrokerConfig, section: str) -> BrokerAddress:
     if broker.url.startswith("embedded:"):
         msg = f"the bridge needs a real broker: set {section}.url to mqtt://host:port"
         raise ValueError(msg)
-    tls, files = broker.tls, None
-    if tls is not None:
-        paths = (tls.ca_file, tls.cert_file, tls.key_file)
-        files = TlsOptions(*(str(path) if path else None for path in paths),
-                           insecure=tls.insecure)
-    address = parse_broker_url(broker.url, files)
+    address = parse_broker_url(broker.url, TlsOptions.of(broker.tls))
     if broker.username is None:
         return address
     password = broker.password.get_secret_value() if broker.password else None

@@ -20,12 +20,12 @@ from types import SimpleNamespace
 import paho.mqtt.client as mqtt
 import pytest
 from mqtt_ledger import WAIT_S, Ledger, wait_until
-from servers import Mosquitto
+from servers import Mosquitto, Pki
 
 import edge_agent.outbox
 import edge_agent.publisher
 from edge_agent.outbox import Outbox, OutgoingMessage
-from edge_agent.publisher import OutboxPublisher, TokenBucket, parse_broker_url
+from edge_agent.publisher import OutboxPublisher, TlsOptions, TokenBucket, parse_broker_url
 from meshwatch.backoff import Backoff
 from meshwatch.contract import (
     Alert,
@@ -609,3 +609,26 @@ def test_reported_events_reach_the_status_topic_with_the_model_version(
     assert event.model_version == "abc123"
     publisher.close()
     ledger.close()
+
+
+def test_publishes_over_tls_with_the_test_ca_and_refuses_another(
+    tmp_path: Path, pki: Pki, box: Outbox
+) -> None:
+    with Mosquitto(tmp_path, tls=pki) as broker:
+        ledger = Ledger(broker, "ledger-tls", topics.subscription("site_telemetry"))
+        messages = telemetry("gw-tls", [("mtr-1", 0), ("mtr-2", 0), ("mtr-1", 1)])
+        box.append_many(messages)
+        publisher = OutboxPublisher(box, broker.tls_url, site=SITE, gateway_id="gw-tls",
+                                    tls=TlsOptions(ca_file=str(pki.ca))).start()
+        assert publisher.close(timeout_s=WAIT_S), "the outbox did not drain over TLS"
+        ledger.wait_for({("mtr-1", 0), ("mtr-2", 0), ("mtr-1", 1)})
+        ledger.close()
+        box.append_many(telemetry("gw-tls", [("mtr-1", 2)]))
+        wrong = OutboxPublisher(box, broker.tls_url, site=SITE, gateway_id="gw-tls",
+                                tls=TlsOptions(ca_file=str(pki.other_ca)),
+                                backoff=fast_backoff()).start()
+        time.sleep(1.0)
+        assert not wrong.connected
+        assert wrong.stats()["connect_failures"] >= 1
+        assert not wrong.close(timeout_s=0.5)
+        assert box.depth == 1  # kept for a publisher that can connect
