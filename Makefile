@@ -29,7 +29,10 @@ bench: $(VENV)/.dev-installed servers
 	$(BIN)/python bench/bench_simulator.py
 	$(BIN)/python bench/bench_edge_inference.py
 	$(BIN)/python bench/bench_edge_agent.py
+	$(BIN)/python bench/bench_edge_memory.py
 	$(BIN)/python bench/bench_bridge_core.py
+	$(BIN)/python bench/bench_bridge.py
+	$(BIN)/python bench/bench_flow.py
 	$(BIN)/python bench/bench_remediation.py
 
 # Install the Debian packages of the servers the tests run, when any is missing.
