@@ -34,6 +34,8 @@ bench: $(VENV)/.dev-installed servers
 	$(BIN)/python bench/bench_bridge.py
 	$(BIN)/python bench/bench_flow.py
 	$(BIN)/python bench/bench_remediation.py
+	$(BIN)/python bench/bench_generic_detector.py
+	$(BIN)/python bench/bench_water_detectors.py
 
 # Install the Debian packages of the servers the tests run, when any is missing.
 servers:

@@ -33,6 +33,8 @@ class _Command(Protocol):
 PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulators.command", "simulate a smart-water fleet with ground truth"),
     "train": ("models.command", "train models"),
+    "evaluate": ("models.evaluate_command", "score the detectors against simulated ground truth"),
+    "score": ("models.score_command", "score any CSV time series with the generic detector"),
     "edge": ("edge_agent.command", "run one gateway's edge agent (store-and-forward, scoring)"),
     "demo": ("meshwatch.demo", "run the whole platform in one process on embedded defaults"),
     "bridge": ("mesh_bridge.command", "bridge site brokers into the cloud mesh (validate, dedup)"),

@@ -1,0 +1,170 @@
+"""What each water detector flags, and what it must not flag."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.water import (
+    FAULT_NAMES,
+    BurstDetector,
+    CustomerLeakDetector,
+    CustomerLeakSettings,
+    DistrictLeakDetector,
+    SensorFaultDetector,
+    SilenceDetector,
+)
+
+T0 = 1_767_571_200_000  # Monday 2026-01-05 00:00 UTC
+Q = 900_000  # 15 minutes
+
+
+def _home(i: int, rng: np.random.Generator) -> float:
+    """A home's interval flow: idle (0) at night, intermittent use by day."""
+    hour = (i * 15 / 60) % 24
+    busy = 0.05 if hour < 6 else 0.45
+    return float(np.round(rng.gamma(0.7, 4.0), 3)) if rng.random() < busy else 0.0
+
+
+def _feed(detector, xs):
+    scores = []
+    for x in xs:
+        scores.append(detector.score_one(x))
+        detector.learn_one(x)
+    return np.array(scores)
+
+
+def test_customer_leak_alarms_after_24_hours_of_flow_and_estimates_the_rate():
+    rng = np.random.default_rng(0)
+    leak_from = 96 * 3
+    xs = [{"ts_ms": T0 + i * Q,
+           "flow_lpm": _home(i, rng) + (0.5 if i >= leak_from else 0.0)} for i in range(1, 96 * 6)]
+    detector = CustomerLeakDetector()
+    scores = _feed(detector, xs)
+    assert scores[: leak_from - 1].max() < 0.9, "a healthy home reads 0 often"
+    first = int(np.argmax(scores >= 0.9)) + 1
+    hours = (first - leak_from) / 4
+    assert 22 <= hours <= 24.5
+    evidence = detector.explain({"ts_ms": T0 + 96 * 6 * Q, "flow_lpm": 0.5})
+    assert evidence["est_leak_lph"] == 30.0
+
+
+def test_missing_data_is_not_evidence_of_a_leak():
+    """Three days without readings, then use: the gap counts as at most half an hour."""
+    detector = CustomerLeakDetector()
+    rng = np.random.default_rng(1)
+    _feed(detector, [{"ts_ms": T0 + i * Q, "flow_lpm": _home(i, rng)} for i in range(1, 96 * 2)])
+    after_gap = [{"ts_ms": T0 + (96 * 5 + i) * Q, "flow_lpm": 0.3} for i in range(40)]
+    scores = _feed(detector, after_gap)
+    assert scores.max() < 0.9
+    assert detector.explain({"ts_ms": T0 + 96 * 6 * Q, "flow_lpm": 0.3})["since_zero_h"] < 11
+
+
+def test_round_the_clock_customer_is_judged_by_its_own_night_minimum():
+    rng = np.random.default_rng(2)
+    leak_from = 96 * 8
+    xs = [{"ts_ms": T0 + i * Q,
+           "flow_lpm": 3.0 * (1 + 0.1 * rng.standard_normal()) + (1.5 if i >= leak_from else 0)}
+          for i in range(1, 96 * 11)]
+    scores = _feed(CustomerLeakDetector(), xs)
+    assert scores[:leak_from].max() < 0.9, "steady business flow is this meter's normal"
+    assert scores[leak_from:].max() >= 0.9, "a 90 L/h rise of its night minimum is flagged"
+    cold = _feed(CustomerLeakDetector(CustomerLeakSettings(learn_continuous_h=None)), xs)
+    assert cold[: leak_from].max() >= 0.9, "without a commissioning period it alarms"
+
+
+def test_forgiven_pattern_stops_alarming_but_a_bigger_flow_does_not():
+    detector = CustomerLeakDetector()
+    xs = [{"ts_ms": T0 + i * Q, "flow_lpm": 0.0 if i < 3 else 0.4 + 0.1 * (i % 2)}
+          for i in range(1, 96 * 2)]
+    assert _feed(detector, xs).max() >= 0.9
+    detector.forgive(24.0)
+    assert detector.score_one({"ts_ms": T0 + 96 * 2 * Q, "flow_lpm": 0.45}) < 0.9
+    assert detector.score_one({"ts_ms": T0 + 96 * 2 * Q, "flow_lpm": 2.0}) < 0.9  # still 24 L/h
+    bigger = [{"ts_ms": T0 + (96 * 2 + i) * Q, "flow_lpm": 0.0 if i == 0 else 2.0 + (i % 2)}
+              for i in range(96 * 2)]
+    assert _feed(detector, bigger).max() >= 0.9, "120 L/h is not the forgiven 24 L/h"
+
+
+def _fault_of(detector, x) -> str:
+    evidence = detector.explain(x)
+    return FAULT_NAMES[int(evidence["fault"])] if evidence["score"] >= 0.9 else "none"
+
+
+def test_sensor_faults_each_show_up_and_a_healthy_meter_does_not():
+    rng = np.random.default_rng(3)
+    healthy = [{"ts_ms": T0 + i * Q, "flow_lpm": _home(i, rng) + 0.2 * (i % 2),
+                "battery_v": 3.6 + rng.normal(0, 0.004)} for i in range(1, 96 * 20)]
+    detector = SensorFaultDetector()
+    assert _feed(detector, healthy).max() < 0.9
+    t = T0 + 96 * 20 * Q
+    assert _fault_of(detector, {"ts_ms": t, "flow_lpm": 300.0, "battery_v": 3.6}) == "impossible"
+    assert _fault_of(detector, {"ts_ms": t, "flow_lpm": -1.0, "battery_v": 3.6}) == "impossible"
+    assert _fault_of(detector, {"ts_ms": t, "flow_lpm": 1.0, "battery_v": 3.45}) == "battery"
+    assert _fault_of(detector, {"ts_ms": t + 95_000, "flow_lpm": 1.0,
+                                "battery_v": 3.6}) == "clock_skew"
+    stuck = [{"ts_ms": t + i * Q, "flow_lpm": 0.777, "battery_v": 3.6} for i in range(70)]
+    assert _fault_of(detector, stuck[-1]) == "none"
+    _feed(detector, stuck[:-1])
+    assert _fault_of(detector, stuck[-1]) == "stuck"
+    stopped = SensorFaultDetector()
+    _feed(stopped, healthy)
+    zeros = [{"ts_ms": t + i * Q, "flow_lpm": 0.0, "battery_v": 3.6} for i in range(4 * 40)]
+    scores = _feed(stopped, zeros)
+    assert scores[: 4 * 20].max() < 0.9
+    assert scores[-1] >= 0.9
+
+
+def test_leak_floor_under_occasional_use_is_not_a_stuck_register():
+    """A leak repeats one value between uses; that is a floor, not a stuck meter."""
+    detector = SensorFaultDetector()
+    xs = [{"ts_ms": T0 + i * Q, "flow_lpm": 4.0 if i % 60 == 0 else 0.948, "battery_v": 3.6}
+          for i in range(1, 96 * 4)]
+    assert _feed(detector, xs).max() < 0.9
+
+
+def test_burst_is_flagged_on_its_first_reading_and_a_demand_step_is_not():
+    rng = np.random.default_rng(4)
+    detector = BurstDetector()
+    xs = []
+    for i in range(1, 600):
+        flow = 600 + (300 if i > 300 else 0) + rng.normal(0, 15)  # morning step at i=300
+        pressure = 4.2 - (0.12 if i > 300 else 0) + rng.normal(0, 0.01)
+        xs.append({"ts_ms": T0 + i * 60_000, "flow_lpm": flow, "pressure_bar": pressure})
+    assert _feed(detector, xs).max() < 0.9
+    burst = {"ts_ms": T0 + 600 * 60_000, "flow_lpm": 900 + 90, "pressure_bar": 4.08 - 0.5}
+    assert detector.score_one(burst) >= 0.9
+
+
+def test_district_leak_uses_the_water_balance_and_day_type_baselines():
+    rng = np.random.default_rng(5)
+    detector = DistrictLeakDetector()
+    scores, times = [], []
+    for i in range(1, 96 * 21):
+        ts = T0 + i * Q
+        weekend = ((ts // 86_400_000) + 3) % 7 >= 5
+        use = (250 if weekend else 180) + rng.normal(0, 8)  # weekend nights are busier
+        leak = 6.0 if i > 96 * 17 else 0.0  # 360 L/h: small against the night flow
+        x = {"ts_ms": ts, "flow_lpm": use + 40 + leak + rng.normal(0, 0.3),
+             "customer_flow_lpm": use}
+        scores.append(detector.score_one(x))
+        detector.learn_one(x)
+        times.append(i)
+    scores = np.array(scores)
+    assert scores[: 96 * 17].max() < 0.9, "weekend nights are not leaks"
+    assert scores[96 * 17:].max() >= 0.9
+    evidence = detector.explain({"ts_ms": T0 + 96 * 21 * Q, "flow_lpm": 0.0})
+    assert 300 <= evidence["est_loss_lph"] <= 420
+
+
+def test_silence_alarms_after_the_same_number_of_missed_readings_at_any_cadence():
+    for cadence in (900, 60):
+        detector = SilenceDetector()
+        step = cadence * 1000
+        for i in range(1, 200):
+            detector.learn_one({"ts_ms": T0 + i * step, "last_seen_ms": T0 + (i - 1) * step,
+                                "cadence_s": cadence})
+        last = T0 + 199 * step
+        assert detector.score_one({"ts_ms": last + 20 * step, "last_seen_ms": last,
+                                   "cadence_s": cadence}) < 0.9
+        assert detector.score_one({"ts_ms": last + 26 * step, "last_seen_ms": last,
+                                   "cadence_s": cadence}) >= 0.9
