@@ -40,6 +40,7 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
     "bridge": ("mesh_bridge.command", "bridge site brokers into the cloud mesh (validate, dedup)"),
     "flow": ("dataflows.command", "run the bytewax dataflow: order, fill gaps, detect, store"),
     "remediation": ("remediation.command", "run incidents, work orders, crew API and pages"),
+    "dashboards": ("dashboards.command", "export or push the Grafana dashboards"),
     "broker-config": (
         "mesh_bridge.broker_config",
         "write production mosquitto config: accounts, ACLs, TLS, persistence, QoS1 limits",
