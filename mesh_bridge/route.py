@@ -58,9 +58,10 @@ duplicate or dead-lettered (:mod:`mesh_bridge.ledger`):
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from mesh_bridge.dedup import Deduplicator, Seen
 from mesh_bridge.identity import Identity
@@ -168,6 +169,13 @@ class Router:
         self.late_horizon_ms = late_horizon_ms
         self.dedup = dedup if dedup is not None else Deduplicator()
         self._partition_cache: dict[str, int] = {}
+        self._bridged: dict[str, tuple[type[Any], Callable[..., None]]] = {
+            "site_telemetry": (TelemetryBatch, self._telemetry),
+            "site_status": (DeviceStatus, self._status),
+            "site_scores": (EdgeScore, self._scores),
+            "site_alerts": (Alert, self._alert),
+            "site_dead_letter": (DeadLetter, self._site_dead_letter),
+        }
         self._score_topics = [topics.build("mesh_scores", partition=p) for p in range(partitions)]
 
     def route(self, incoming: Incoming) -> Routed:
@@ -177,19 +185,16 @@ class Router:
             topic = topics.parse(incoming.topic)
         except ContractError as exc:
             return self._reject(routed, incoming, exc.reason, exc.detail)
-        if topic.kind == "site_telemetry":
-            self._telemetry(routed, incoming, topic.params)
-        elif topic.kind == "site_status":
-            self._status(routed, incoming, topic.params)
-        elif topic.kind == "site_scores":
-            self._scores(routed, incoming, topic.params)
-        elif topic.kind == "site_alerts":
-            self._alert(routed, incoming, topic.params)
-        elif topic.kind == "site_dead_letter":
-            self._site_dead_letter(routed, incoming, topic.params["reason"])
-        else:
+        bridged = self._bridged.get(topic.kind)
+        if bridged is None:
             detail = f"topic kind {topic.kind} is not bridged; subscribe to telemetry and status"
-            self._reject(routed, incoming, BridgeReason.NOT_BRIDGED, detail)
+            return self._reject(routed, incoming, BridgeReason.NOT_BRIDGED, detail)
+        model, handle = bridged
+        try:
+            event = decode(incoming.payload, model)
+        except ContractError as exc:
+            return self._reject(routed, incoming, exc.reason, exc.detail)
+        handle(routed, incoming, event, topic.params)
         return routed
 
     def retract(self, routed: Routed) -> None:
@@ -202,12 +207,8 @@ class Router:
             for reading in batch.readings:
                 self.dedup.forget(reading.device_id, reading.seq)
 
-    def _telemetry(self, routed: Routed, incoming: Incoming, where: dict[str, str]) -> None:
-        try:
-            batch = decode(incoming.payload, TelemetryBatch)
-        except ContractError as exc:
-            self._reject(routed, incoming, exc.reason, exc.detail)
-            return
+    def _telemetry(self, routed: Routed, incoming: Incoming, batch: TelemetryBatch,
+                   where: dict[str, str]) -> None:
         counts = routed.counts
         readings = batch.readings
         counts.readings_in = len(readings)
@@ -282,12 +283,8 @@ class Router:
         self._dead_letter(routed, incoming, BridgeReason.UNAUTHORIZED_DEVICE, detail, payload)
         return kept
 
-    def _scores(self, routed: Routed, incoming: Incoming, where: dict[str, str]) -> None:
-        try:
-            scores = decode(incoming.payload, EdgeScore)
-        except ContractError as exc:
-            self._reject(routed, incoming, exc.reason, exc.detail)
-            return
+    def _scores(self, routed: Routed, incoming: Incoming, scores: EdgeScore,
+                where: dict[str, str]) -> None:
         if not self._same_gateway(routed, incoming, scores.site, scores.gateway_id, where):
             return
         windows = scores.windows
@@ -307,12 +304,8 @@ class Router:
             out = scores.model_copy(update={"windows": group})
             routed.messages.append(Message(self._score_topics[partition], encode(out)))
 
-    def _alert(self, routed: Routed, incoming: Incoming, where: dict[str, str]) -> None:
-        try:
-            alert = decode(incoming.payload, Alert)
-        except ContractError as exc:
-            self._reject(routed, incoming, exc.reason, exc.detail)
-            return
+    def _alert(self, routed: Routed, incoming: Incoming, alert: Alert,
+               where: dict[str, str]) -> None:
         if alert.device_id is not None:
             _, refused = self.identity.authorize(where["site"], where["gateway"],
                                                  [alert.device_id])
@@ -323,23 +316,16 @@ class Router:
         topic = topics.alerts(alert.district or where["site"], alert.kind.value)
         routed.messages.append(Message(topic, incoming.payload))
 
-    def _status(self, routed: Routed, incoming: Incoming, where: dict[str, str]) -> None:
-        try:
-            status = decode(incoming.payload, DeviceStatus)
-        except ContractError as exc:
-            self._reject(routed, incoming, exc.reason, exc.detail)
-            return
+    def _status(self, routed: Routed, incoming: Incoming, status: DeviceStatus,
+                where: dict[str, str]) -> None:
         if self._same_gateway(routed, incoming, status.site, status.gateway_id, where):
             claims = self.identity.observe(status)
             routed.counts.status_applied = 1
             routed.counts.claims_refused = len(claims.refused)
 
-    def _site_dead_letter(self, routed: Routed, incoming: Incoming, reason: str) -> None:
-        try:
-            decode(incoming.payload, DeadLetter)
-        except ContractError as exc:
-            self._reject(routed, incoming, exc.reason, exc.detail)
-            return
+    def _site_dead_letter(self, routed: Routed, incoming: Incoming, letter: DeadLetter,
+                          where: dict[str, str]) -> None:
+        reason = where["reason"]
         routed.messages.append(Message(topics.dead_letter(reason), incoming.payload))
         routed.counts.dead_letters[reason] += 1
 
