@@ -269,7 +269,8 @@ class BrokerSettings:
     """Everything ``mosquitto.conf`` says besides accounts.
 
     Paths are as the broker host will see them: ``install_dir`` holds ``passwd`` and ``acl``
-    (None: the output directory itself).
+    (None: the output directory itself); ``tls_install_dir`` holds the TLS files under their
+    own names (None: where they are now), e.g. a container's mount of them.
     """
 
     port: int = DEFAULT_PORT
@@ -278,6 +279,7 @@ class BrokerSettings:
     tls_port: int = DEFAULT_TLS_PORT
     tls_bind: str = DEFAULT_TLS_BIND
     install_dir: Path | None = None
+    tls_install_dir: Path | None = None
     data_dir: Path = DEFAULT_DATA_DIR
     log_file: Path = DEFAULT_LOG_FILE
     user: str = DEFAULT_USER
@@ -306,6 +308,11 @@ class BrokerSettings:
             service_access(role)
         if self.tls is not None:
             self.tls.check()
+            names = {self.tls.cert.name, self.tls.key.name, self.tls.ca.name}
+            if self.tls_install_dir is not None and len(names) < 3:
+                msg = ("--tls-install-dir needs --tls-cert, --tls-key and --tls-ca to have three"
+                       " different file names; rename one")
+                raise BrokerConfigError(msg)
 
 
 def mosquitto_conf(settings: BrokerSettings, install_dir: Path) -> str:
@@ -356,13 +363,18 @@ def mosquitto_conf(settings: BrokerSettings, install_dir: Path) -> str:
     ]
     if settings.tls is not None:
         tls = settings.tls
+
+        def installed(path: Path) -> Path:
+            tls_dir = settings.tls_install_dir
+            return path.resolve() if tls_dir is None else tls_dir / path.name
+
         lines += [
             "",
             "# MQTT over TLS for gateways and services on other hosts.",
             f"listener {settings.tls_port} {settings.tls_bind}",
-            f"certfile {tls.cert.resolve()}",
-            f"keyfile {tls.key.resolve()}",
-            f"cafile {tls.ca.resolve()}",
+            f"certfile {installed(tls.cert)}",
+            f"keyfile {installed(tls.key)}",
+            f"cafile {installed(tls.ca)}",
             "tls_version tlsv1.2",
             f"require_certificate {str(tls.require_certificate).lower()}",
         ]
@@ -476,6 +488,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--install-dir", type=Path,
                         help="where passwd and acl will live on the broker host (default --out)")
+    parser.add_argument("--tls-install-dir", type=Path,
+                        help="where the TLS files will live, under their own names, on the broker"
+                             " host (default: where they are now)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                         help="persistence_location")
     parser.add_argument("--log-file", type=Path, default=DEFAULT_LOG_FILE, help="broker log")
@@ -520,7 +535,8 @@ def settings_from_args(args: argparse.Namespace) -> BrokerSettings:
     roles = tuple(dict.fromkeys(r.strip() for r in args.accounts.split(",") if r.strip()))
     return BrokerSettings(
         port=args.port, bind=args.bind, tls=tls, tls_port=args.tls_port, tls_bind=args.tls_bind,
-        install_dir=args.install_dir, data_dir=args.data_dir, log_file=args.log_file,
+        install_dir=args.install_dir, tls_install_dir=args.tls_install_dir,
+        data_dir=args.data_dir, log_file=args.log_file,
         user=args.user, max_queued_messages=args.max_queued_messages,
         max_queued_mb=args.max_queued_mb, client_expiration=args.client_expiration,
         roles=roles,

@@ -410,3 +410,28 @@ def test_a_gateway_in_two_sites_is_an_error(registry: Path, tmp_path: Path,
     registry.write_text(REGISTRY + "mtr-9,customer_meter,dma-02,dma-02,gw-1,900\n")
     assert main(["broker-config", "--registry", str(registry), "--out", str(tmp_path)]) == 2
     assert "gw-1: dma-01, dma-02" in capsys.readouterr().err
+
+
+def test_tls_install_dir_names_the_files_where_the_broker_sees_them(
+    tmp_path: Path, pki: Pki
+) -> None:
+    registry = load_registry_text(tmp_path)
+    settings = BrokerSettings(tls=TlsFiles(pki.cert, pki.key, pki.ca),
+                              tls_install_dir=Path("/mosquitto/config/certs"))
+    write_broker_config(registry, tmp_path / "out", settings)
+    conf = (tmp_path / "out" / "mosquitto.conf").read_text()
+    for key, path in (("certfile", pki.cert), ("keyfile", pki.key), ("cafile", pki.ca)):
+        assert f"{key} /mosquitto/config/certs/{path.name}\n" in conf
+    clash = tmp_path / "other"  # two files of one name would overwrite each other there
+    clash.mkdir()
+    (clash / pki.cert.name).write_bytes(pki.ca.read_bytes())
+    settings = BrokerSettings(tls=TlsFiles(pki.cert, pki.key, clash / pki.cert.name),
+                              tls_install_dir=Path("/certs"))
+    with pytest.raises(broker_config.BrokerConfigError, match="three different file names"):
+        write_broker_config(registry, tmp_path / "out2", settings)
+
+
+def load_registry_text(directory: Path) -> Any:
+    path = directory / "registry.csv"
+    path.write_text(REGISTRY)
+    return load_registry(path)
