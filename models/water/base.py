@@ -51,6 +51,7 @@ learns what it flags.
 
 from __future__ import annotations
 
+import abc
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ class Scored:
         return {name: float(values[i]) for name, values in self.evidence.items()}
 
 
-class FleetDetector:
+class FleetDetector(abc.ABC):
     """State of one detector for many streams, as numpy arrays indexed by slot.
 
     Subclasses declare :attr:`FIELDS` (name → (dtype, initial value)), :attr:`INPUTS` (the
@@ -214,13 +215,15 @@ class FleetDetector:
         return Scored(score, evidence)
 
     # -- what subclasses implement ------------------------------------------------------------
+    @abc.abstractmethod
     def _score(self, slot: np.ndarray, cols: dict[str, np.ndarray],
                dt_h: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        raise NotImplementedError
+        """Scores and evidence of the readings at ``slot`` (state unchanged)."""
 
+    @abc.abstractmethod
     def _learn(self, slot: np.ndarray, cols: dict[str, np.ndarray], score: np.ndarray,
                aux: dict[str, np.ndarray]) -> None:
-        raise NotImplementedError
+        """Update the state of ``slot`` with readings that were scored ``score``."""
 
 
 def _column(cols: Columns, name: str, n: int) -> np.ndarray:
