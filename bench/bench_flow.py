@@ -15,6 +15,10 @@ everything:
   decode, de-duplicate, order, gap-fill, write to VictoriaMetrics in batches of 5,000 lines,
   acks one snapshot late. Timed from process start (imports included) until the flow's own
   ``mw_flow`` counters in VictoriaMetrics show every reading released and written.
+- *flow W + detection* (``--detect``): the same with a registry (the devices as customer
+  meters in districts of 2,000): the detection stage (one water pipeline per district,
+  ``mw_score`` per reading, alerts), timed until its ``mw_detect`` counters also show every
+  reading fed.
 
 readings/s = readings / seconds; "startup s" is when the flow's first partition was connected
 (process start, imports, bytewax set-up), "after startup/s" the rate from then on.
@@ -134,18 +138,34 @@ def run_null(broker: Mosquitto, total: int) -> float:
     return elapsed
 
 
-def written(vm: VictoriaMetrics) -> int:
-    """Readings the flow has released and written, from its own counters."""
+def written(vm: VictoriaMetrics, detect: bool = False) -> int:
+    """Readings the flow has released and written (and fed to detection), from its counters."""
     vm.force_flush()
     count = 0
     for name in ("measured", "late"):
         for series in vm.export(f'{{__name__="mw_flow_{name}"}}'):
             count += int(max(zip(series["timestamps"], series["values"], strict=True))[1])
+    if detect:
+        fed = 0
+        for series in vm.export('{__name__="mw_detect_fed"}'):
+            fed += int(max(zip(series["timestamps"], series["values"], strict=True))[1])
+        count = min(count, fed)
     return count
 
 
+def write_registry(path: Path, devices: int, per_district: int = 2000) -> Path:
+    """The bench's devices as customer meters, ``per_district`` to a district."""
+    rows = ["device_id,device_kind,site,district,gateway_id,cadence_s"]
+    for d in range(devices):
+        district = f"dma-{d // per_district + 1:02d}"
+        rows.append(f"mtr-{d:06d},customer_meter,{district},{district},gw-01,900")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 def run_flow(broker: Mosquitto, vm: VictoriaMetrics, base: Path, workers: int,
-             total: int, processes: int = 1) -> tuple[float, float]:
+             total: int, processes: int = 1,
+             registry: Path | None = None) -> tuple[float, float]:
     """Seconds from starting ``meshwatch flow`` until it is connected, and until done.
 
     With ``processes`` > 1, that many processes of one bytewax cluster (``-i``/``-a``).
@@ -156,6 +176,7 @@ def run_flow(broker: Mosquitto, vm: VictoriaMetrics, base: Path, workers: int,
         'log_level = "INFO"', "[mesh_broker]", f'url = "{broker.url}"',
         "[mesh]", f"partitions = {PARTITIONS}",
         "[influxdb]", f'url = "{vm.url}"', 'token = "unused"', "batch_size = 5000",
+        *([] if registry is None else ["[registry]", f'file = "{registry}"']),
         "[flow]", f'client_id = "{prefix}"', "allowed_lateness_s = 0", "idle_flush_s = 0.5",
     ]) + "\n")
     command = [str(BIN / "meshwatch"), "flow", "--config", str(config), "-w", str(workers),
@@ -179,7 +200,7 @@ def run_flow(broker: Mosquitto, vm: VictoriaMetrics, base: Path, workers: int,
     for proc in procs:
         threading.Thread(target=watch_log, args=(proc,), daemon=True).start()
     try:
-        while written(vm) < total:
+        while written(vm, registry is not None) < total:
             if any(proc.poll() is not None for proc in procs):
                 msg = "a flow process exited"
                 raise RuntimeError(msg)
@@ -202,6 +223,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--processes", type=int, nargs="+", default=[2],
                         help="also run clusters of this many 1-worker processes")
+    parser.add_argument("--detect", action="store_true",
+                        help="also run each worker count with the detection stage")
     args = parser.parse_args()
     messages, total = build_messages(args.devices, args.readings)
     count = sum(len(m) for m in messages.values())
@@ -215,14 +238,20 @@ def main() -> None:
             publish(broker, messages)
             seconds = run_null(broker, total)
             results.append(("null (paho json.loads + count)", 0.0, seconds))
-        runs = [(1, w) for w in args.workers] + [(p, 1) for p in args.processes if p > 1]
-        for processes, workers in runs:
+        runs = [(1, w, False) for w in args.workers] + [
+            (p, 1, False) for p in args.processes if p > 1]
+        if args.detect:
+            runs += [(1, w, True) for w in args.workers]
+        registry = write_registry(base / "registry.csv", args.devices)
+        for processes, workers, detect in runs:
             with Mosquitto(base) as broker, VictoriaMetrics(base) as vm:
                 create_sessions(broker, f"bench-flow-{processes}x{workers}")
                 publish(broker, messages)
-                first, seconds = run_flow(broker, vm, base, workers, total, processes)
+                first, seconds = run_flow(broker, vm, base, workers, total, processes,
+                                          registry if detect else None)
                 name = (f"flow -w {workers}" if processes == 1
                         else f"flow {processes} processes × -w 1")
+                name += " + detection" if detect else ""
                 results.append((f"{name} → VictoriaMetrics", first, seconds))
     null_rate = total / results[0][2]
     print(f"{'pipeline':<44} {'seconds':>8} {'readings/s':>11} {'of null':>8}"

@@ -3,9 +3,10 @@
 Two kinds:
 
 - **written today** by the dataflow's InfluxDB sink (``dataflows/connectors/influx.py``):
-  ``mw_telemetry``, ``mw_silence``, ``mw_score``, ``mw_flow``. Their names are repeated here
+  ``mw_telemetry``, ``mw_silence``, ``mw_score``, ``mw_flow``, ``mw_alert``. Their names are
+  repeated here
   (``dashboards/`` imports no ``dataflows/``; a test checks that the names agree).
-- **defined here, not written yet**: alerts, incidents, remediation KPIs, bridge, edge and
+- **defined here, not written yet**: incidents, remediation KPIs, bridge, edge and
   dead-letter metrics, and the loss ledger. Today these live only in MQTT topics, the
   remediation database or Prometheus. Each :class:`Measurement` names the component that
   will write it; the dashboards are built and tested on these definitions (the tests write
@@ -22,7 +23,7 @@ integers stamped with wall-clock time (the newest sample is the current value), 
 'mw_alert,device=m1,district=d1,kind=leak,severity=major,status=open alert_id="a-1",active=1i,\
 score=0.97,est_loss_lph=120.0 1767225600000'
 >>> sorted(m.name for m in ALL if not m.written)[:3]
-['mw_alert', 'mw_bridge', 'mw_dead_letters']
+['mw_bridge', 'mw_dead_letters', 'mw_district']
 """
 
 from __future__ import annotations
@@ -109,23 +110,25 @@ SILENCE = Measurement(
     _SINK, True, "Silence records: an onset (resumed=0) and a resumption (resumed=1).")
 SCORE = Measurement(
     "mw_score", ("device",), {"score": "float"}, _SINK, True,
-    "Detector scores in [0, 1], when a detector is plugged into the flow.")
+    "The detection stage's score in [0, 1] of each reading it scored (the highest of the "
+    "water detectors').")
 FLOW = Measurement(
     "mw_flow", ("shard",),
     {name: "int" for name in ("received", "duplicates", "measured", "late", "unverified",
                               "imputed", "gaps_filled", "silent_onsets", "long_gaps")},
     _SINK, True, "A shard's cumulative pipeline counters, wall-clock stamped.")
 
-# -- defined here, not written yet ----------------------------------------------------------
 ALERT = Measurement(
     "mw_alert", ("district", "kind", "severity", "status", "device"),
     {"alert_id": "str", "active": "int", "score": "float", "est_loss_lph": "float",
      "first_ts_ms": "int", "last_ts_ms": "int"},
-    "the dataflow's alert step (models/alerting.py's Alert events, as the dataflow "
-    "publishes them to mw/v1/alerts/...)", False,
+    _SINK + ", from the detection stage's Alert events (also published to "
+    "mw/v1/alerts/...)", True,
     "One point per Alert event at its last_ts_ms. ``active`` is 1 for open/update, 0 for "
     "cleared; a cleared alert writes est_loss_lph=0, so the last value per (district, "
     "device, kind) is the loss still running. ``device`` is absent for district-wide alerts.")
+
+# -- defined here, not written yet ----------------------------------------------------------
 INCIDENT = Measurement(
     "mw_incident", ("district", "kind", "event"),
     {"incident_id": "str", "work_order_id": "str", "priority": "int", "est_loss_lph": "float",

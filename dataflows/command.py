@@ -1,9 +1,15 @@
 """``meshwatch flow --config FILE``: run the dataflow with bytewax (``bytewax.run`` in-process).
 
 Reads ``[flow]`` (see examples/meshwatch.toml), ``mesh_broker`` (consumed with persistent
-sessions, one per partition; dead letters are published there too), ``mesh.partitions``,
-``influxdb`` (unset url: no TSDB writes) and ``registry.file`` (device cadences; without it
-cadences are learned from the stream). ``-w``, ``-r`` and ``-s`` override ``flow.workers``,
+sessions, one per partition, over MQTT 5 or, with ``protocol = "3.1.1"``, 3.1.1; dead
+letters are published there too), ``mesh.partitions``,
+``influxdb`` (unset url: no TSDB writes) and ``registry.file`` (device cadences, districts
+and kinds; without it cadences are learned from the stream and nothing is detected). With a
+registry and ``flow.detect`` (the default), the detection stage runs one water pipeline per
+district and publishes alerts to ``mw/v1/alerts/{district}/{kind}`` on ``mesh_broker``,
+taking crews' feedback from ``mw/v1/feedback/+``; with ``influxdb`` it also stores edge
+scores from ``mw/v1/mesh/scores/{n}`` (``flow.edge_scores``).
+``-w``, ``-r`` and ``-s`` override ``flow.workers``,
 ``flow.recovery_dir`` and ``flow.snapshot_interval_s``; ``-i``/``-a`` run one process of a
 cluster (bytewax's own options: every process gets the same config and the whole list of
 addresses; each owns some partitions). A recovery directory that does not
@@ -30,7 +36,8 @@ from rich.markup import escape
 
 from dataflows.connectors.influx import InfluxSettings
 from dataflows.connectors.mqtt import MqttSourceSettings
-from dataflows.flow import FlowSettings, build_flow
+from dataflows.detection import DetectionLayout
+from dataflows.flow import Detection, FlowSettings, build_flow
 from dataflows.ordering import OrderSettings
 from edge_agent.publisher import BrokerAddress, TlsOptions, parse_broker_url
 from meshwatch.config import BrokerConfig, Config, ConfigError, load_config
@@ -102,7 +109,8 @@ def flow_settings(config: Config) -> FlowSettings:
     source = MqttSourceSettings(broker, config.mesh.partitions, client_id=f.client_id,
                                 session_expiry_s=f.session_expiry_s,
                                 receive_maximum=f.receive_maximum,
-                                keepalive_s=config.mesh_broker.keepalive_s)
+                                keepalive_s=config.mesh_broker.keepalive_s,
+                                protocol=config.mesh_broker.protocol)
     influx = None
     if config.influxdb.url is not None:
         token = config.influxdb.token.get_secret_value() if config.influxdb.token else ""
@@ -111,14 +119,21 @@ def flow_settings(config: Config) -> FlowSettings:
                                 batch_size=config.influxdb.batch_size,
                                 retry_max_s=f.write_retry_max_s)
     cadences: dict[str, float] = {}
+    detection = None
     if config.registry.file is not None:
-        cadences = {d.device_id: float(d.cadence_s) for d in load_registry(config.registry.file)}
+        registry = load_registry(config.registry.file)
+        cadences = {d.device_id: float(d.cadence_s) for d in registry}
+        if f.detect:
+            detection = Detection(DetectionLayout.from_registry(
+                registry, config.mesh.partitions, f.shards_per_partition),
+                scores=f.write_scores and influx is not None)
     order = OrderSettings(allowed_lateness_ms=int(f.allowed_lateness_s * 1000),
                           gap_fill_max_intervals=f.gap_fill_max_intervals,
                           dedup_window=f.dedup_window)
     return FlowSettings(source=source, dead_letter_broker=broker, order=order,
                         shards_per_partition=f.shards_per_partition, idle_flush_s=f.idle_flush_s,
-                        influx=influx, lake_dir=f.lake_dir, cadences=cadences)
+                        influx=influx, lake_dir=f.lake_dir, cadences=cadences,
+                        detection=detection, edge_scores=f.edge_scores)
 
 
 def flow_from_file(path: str) -> Dataflow:

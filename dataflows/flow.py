@@ -1,4 +1,4 @@
-"""The Meshwatch dataflow: mesh telemetry in; order, gaps, detection; InfluxDB and lake out.
+"""The Meshwatch dataflow: mesh telemetry in; order, gaps, detection; InfluxDB, lake, alerts out.
 
 Steps (bytewax ``step_id`` in brackets)::
 
@@ -8,19 +8,30 @@ Steps (bytewax ``step_id`` in brackets)::
       |                                                          (mw/v1/deadletter/{reason})
     [order] per shard: de-duplicate, order by event time, late path, gaps (dataflows.ordering)
       |
-    [detect] per shard, per device: the detector factory's learn/score (absent: pass-through)
-      |
-      +──> [influx] InfluxSink (mw_telemetry, mw_silence, mw_score, mw_flow)
+      +──> [by_district] in-order measured readings as columns per district, with the shard's
+      |      |           watermark (dataflows.detection; only with FlowSettings.detection)
+      |    [detect] per district: one WaterPipeline, fed in event time behind the district's
+      |      |      watermark, ticked every 15 minutes
+      |      +──> [alerts] AlertSink (QoS1 to mw/v1/alerts/{district}/{kind}, PUBACK waited)
+      |      +──> [influx] (mw_alert, mw_score, mw_detect)
+      +──> [influx] InfluxSink (mw_telemetry, mw_silence, mw_flow)
       +──> [lake] LakeSink (Parquet by date, measured readings)
+
+    [feedback] mw/v1/feedback/+ ──> [feedback_decode] by district ──> [detect] (FeedbackApplier)
+    [edge_scores] mw/v1/mesh/scores/{n} ──> [scores_decode] ──> [influx] (mw_edge_score)
+      (bad payloads of both ──> DeadLetterSink; dataflows.connectors.side_inputs)
 
 A *shard* is ``crc32(device) % (partitions * shards_per_partition)``: a fixed group of the
 devices of one mesh partition. State is per device; the shard is the bytewax key so that one
 call handles all of a message's readings for the shard (a keyed operator costs ~20 µs per
-item, a reading ~2 µs here).
+item, a reading ~2 µs here). Detection is keyed by district (the district leak detector
+needs all of a district's customer meters), so the shards' readings cross workers once,
+as columns.
 
 Guarantees: at-least-once in (broker acks one snapshot late), exactly-once state (source skip
-set, keyed de-duplication by ``(device, seq)``, all snapshotted in the same epoch), idempotent
-out (points keyed by measurement, tags and event time; lake files numbered by epoch).
+set, keyed de-duplication by ``(device, seq)``, district pipelines, all snapshotted in the
+same epoch), idempotent out (points keyed by measurement, tags and event time; lake files
+numbered by epoch; alerts at-least-once with deterministic ids).
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from __future__ import annotations
 import base64
 import pickle
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +49,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 
+from dataflows.connectors.alerts import AlertSink
 from dataflows.connectors.influx import InfluxSettings, InfluxSink
 from dataflows.connectors.lake import LakeSink
 from dataflows.connectors.mqtt import (
@@ -46,15 +58,36 @@ from dataflows.connectors.mqtt import (
     MeshSource,
     MqttSourceSettings,
 )
-from dataflows.ordering import Kind, OrderSettings, Released, ShardState, shard_of
-from dataflows.records import ShardOutput
+from dataflows.connectors.side_inputs import TopicSource, decode_scores, route_feedback
+from dataflows.detection import (
+    DetectionLayout,
+    DistrictChunk,
+    DistrictFeedback,
+    DistrictState,
+    split_by_district,
+)
+from dataflows.ordering import OrderSettings, Released, ShardState, shard_of
+from dataflows.records import DistrictOutput, ShardOutput
 from edge_agent.publisher import BrokerAddress
-from meshwatch.contract import ContractError, DeadLetter, TelemetryBatch, decode
+from meshwatch.contract import Alert, ContractError, DeadLetter, TelemetryBatch, decode, topics
+from models.water.pipeline import PipelineSettings
 
-__all__ = ["DetectorFactory", "FlowSettings", "build_flow", "decode_message"]
+__all__ = ["Detection", "FlowSettings", "build_flow", "decode_message"]
 
-DetectorFactory = Callable[[str], Any]
-"""Builds the detector of one device (``learn_one``/``score_one``, models/anomaly/base.py)."""
+
+@dataclass(frozen=True, eq=False)
+class Detection:
+    """The detection stage's inputs: the devices' districts and kinds, the pipeline settings.
+
+    ``pipeline`` defaults to what ``meshwatch evaluate`` runs.
+    """
+
+    layout: DetectionLayout
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    feedback: bool = True
+    """Take crews' feedback from ``mw/v1/feedback/+`` (:mod:`dataflows.connectors.feedback`)."""
+    scores: bool = True
+    """Write every scored reading's score (``mw_score``: one more line per reading)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +102,9 @@ class FlowSettings:
     influx: InfluxSettings | None = None
     lake_dir: Path | None = None
     cadences: Mapping[str, float] = field(default_factory=dict)
-    detector_factory: DetectorFactory | None = None
+    detection: Detection | None = None
+    edge_scores: bool = True
+    """With ``influx``: store the edge models' scores (``mw/v1/mesh/scores/{n}``)."""
 
 
 def decode_message(message: MeshMessage, partitions: int, shards_per_partition: int,
@@ -125,24 +160,27 @@ class _ShardLogic(StatefulBatchLogic[tuple[int, list[Any]], ShardOutput, bytes])
             return None
         return datetime.now(UTC) + timedelta(seconds=self.settings.idle_flush_s)
 
-    def _output(self, released: Released) -> ShardOutput:
+    def _output(self, released: Released, before: int | None) -> ShardOutput:
         self.stats_ms = max(self.stats_ms + 1, int(time.time() * 1000))
-        return ShardOutput(self.shard, released, dict(self.state.counts), self.stats_ms)
+        return ShardOutput(self.shard, released, dict(self.state.counts), self.stats_ms,
+                           self.state.watermark, before)
 
     def on_batch(self, values: list[tuple[int, list[Any]]]) -> tuple[list[ShardOutput], bool]:
         self.shard = values[0][0]
+        before = self.state.watermark
         released = Released()
         for _, readings in values:  # message by message: the result does not depend on batching
             out = self.state.process(readings, self.cadences)
             released.points += out.points
             released.silences += out.silences
         self._flush_at = self._idle_deadline()
-        return [self._output(released)], StatefulBatchLogic.RETAIN
+        return [self._output(released, before)], StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[list[ShardOutput], bool]:
         self._flush_at = None
+        before = self.state.watermark
         released = self.state.flush(self.cadences)
-        return [self._output(released)], StatefulBatchLogic.RETAIN
+        return [self._output(released, before)], StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
         return self._flush_at
@@ -152,26 +190,68 @@ class _ShardLogic(StatefulBatchLogic[tuple[int, list[Any]], ShardOutput, bytes])
                             protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _detect_step(factory: DetectorFactory) -> Callable[[dict[str, Any] | None, ShardOutput],
-                                                          tuple[dict[str, Any], ShardOutput]]:
-    """A ``stateful_map`` mapper: per device, score then learn each in-order measured point."""
+class _DistrictLogic(StatefulBatchLogic[DistrictChunk | DistrictFeedback, DistrictOutput,
+                                         bytes]):
+    """One district's :class:`DistrictState`; snapshots are pickled bytes.
 
-    def mapper(detectors: dict[str, Any] | None,
-               item: ShardOutput) -> tuple[dict[str, Any], ShardOutput]:
-        detectors = {} if detectors is None else detectors
-        scores = []
-        for point in item.released.points:
-            if point.kind is not Kind.MEASURED:
-                continue  # imputed and late readings are never scored nor learned
-            detector = detectors.get(point.device_id)
-            if detector is None:
-                detector = detectors[point.device_id] = factory(point.device_id)
-            x = {"ts_ms": float(point.ts_ms), **point.metrics}
-            scores.append((point.device_id, point.ts_ms, float(detector.score_one(x))))
-            detector.learn_one(x)
-        return detectors, replace(item, scores=scores)
+    After ``idle_flush_s`` without the district's watermark moving while a shard is ahead
+    of it, it stops waiting for the quiet shards (:meth:`DistrictState.release_idle`).
+    """
 
-    return mapper
+    def __init__(self, settings: FlowSettings, resume: bytes | None) -> None:
+        assert settings.detection is not None
+        self.detection = settings.detection
+        self.idle_s = settings.idle_flush_s
+        self.state: DistrictState | None = None
+        self.stats_ms = 0
+        if resume is not None:
+            self.state, self.stats_ms = pickle.loads(resume)
+        self._idle_at: datetime | None = self._deadline()
+
+    def _deadline(self) -> datetime | None:
+        if self.state is None or not self.state.held_back:
+            return None
+        return datetime.now(UTC) + timedelta(seconds=self.idle_s)
+
+    def _output(self, alerts: list[Alert]) -> list[DistrictOutput]:
+        assert self.state is not None
+        self.stats_ms = max(self.stats_ms + 1, int(time.time() * 1000))
+        return [DistrictOutput(self.state.district, alerts, dict(self.state.counts),
+                               self.stats_ms, self.state.watermark,
+                               self.state.drain_scores())]
+
+    def on_batch(self, values: list[DistrictChunk | DistrictFeedback],
+                 ) -> tuple[list[DistrictOutput], bool]:
+        if self.state is None:
+            self.state = DistrictState.of(self.detection.layout, values[0].district,
+                                          self.detection.pipeline, self.detection.scores)
+        state = self.state
+        before = state.watermark
+        alerts: list[Alert] = []
+        chunks: list[DistrictChunk] = []
+        for value in values:  # in arrival order: feedback acts on what came before it
+            if isinstance(value, DistrictFeedback):
+                alerts += state.take(chunks)
+                chunks = []
+                alerts += state.feedback(value.feedback)
+            else:
+                chunks.append(value)
+        alerts += state.take(chunks)
+        if state.watermark != before or self._idle_at is None:
+            self._idle_at = self._deadline()
+        return self._output(alerts), StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[list[DistrictOutput], bool]:
+        assert self.state is not None
+        alerts = self.state.release_idle()
+        self._idle_at = self._deadline()
+        return self._output(alerts), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self._idle_at
+
+    def snapshot(self) -> bytes:
+        return pickle.dumps((self.state, self.stats_ms), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def build_flow(settings: FlowSettings, flow_id: str = "meshwatch") -> Dataflow:
@@ -185,13 +265,50 @@ def build_flow(settings: FlowSettings, flow_id: str = "meshwatch") -> Dataflow:
     branches = op.branch("split", decoded, lambda item: not isinstance(item, DeadLetter))
     dead_letters: Stream[DeadLetter] = branches.falses  # type: ignore[assignment]
     op.output("dead_letters", dead_letters,
-              DeadLetterSink(settings.dead_letter_broker, settings.source.client_id))
+              DeadLetterSink(settings.dead_letter_broker, settings.source.client_id,
+                             protocol=settings.source.protocol))
     ordered = op.stateful_batch("order", branches.trues,  # type: ignore[arg-type]
                                 lambda resume: _ShardLogic(settings, resume))
-    if settings.detector_factory is not None:
-        ordered = op.stateful_map("detect", ordered, _detect_step(settings.detector_factory))
+    to_influx: Stream[Any] = ordered
+    detection = settings.detection
+    if detection is not None:
+        layout = detection.layout
+        chunks: Stream[tuple[str, DistrictChunk | DistrictFeedback]] = op.flat_map(
+            "by_district", ordered, lambda keyed: split_by_district(keyed[1], layout))
+        if detection.feedback:
+            source = replace(settings.source, partitions=1,
+                             client_id=f"{settings.source.client_id}-fb")
+            feedback = op.flat_map("feedback_decode", op.input(
+                "feedback", flow, TopicSource(source, topics.subscription("feedback"))),
+                lambda m: route_feedback(m, layout))
+            fb_branches = op.branch("feedback_split", feedback,
+                                    lambda item: not isinstance(item, DeadLetter))
+            fb_dead: Stream[DeadLetter] = fb_branches.falses  # type: ignore[assignment]
+            op.output("feedback_dead_letters", fb_dead,
+                      DeadLetterSink(settings.dead_letter_broker, source.client_id,
+                                     protocol=settings.source.protocol))
+            chunks = op.merge("detect_in", chunks, fb_branches.trues)
+        detected = op.stateful_batch("detect", chunks,
+                                     lambda resume: _DistrictLogic(settings, resume))
+        alerts = op.flat_map("alerts", detected, lambda keyed: keyed[1].alerts)
+        op.output("publish_alerts", alerts,
+                  AlertSink(settings.dead_letter_broker, settings.source.client_id,
+                            protocol=settings.source.protocol))
+        to_influx = op.merge("to_influx", ordered, detected)
+    if settings.influx is not None and settings.edge_scores:
+        source = replace(settings.source, client_id=f"{settings.source.client_id}-sc")
+        scores = op.flat_map("scores_decode", op.input(
+            "edge_scores", flow, TopicSource(source, topics.TEMPLATES["mesh_scores"])),
+            decode_scores)
+        sc_branches = op.branch("scores_split", scores,
+                                lambda item: not isinstance(item, DeadLetter))
+        sc_dead: Stream[DeadLetter] = sc_branches.falses  # type: ignore[assignment]
+        op.output("scores_dead_letters", sc_dead,
+                  DeadLetterSink(settings.dead_letter_broker, source.client_id,
+                                 protocol=settings.source.protocol))
+        to_influx = op.merge("to_influx_scores", to_influx, sc_branches.trues)
     if settings.influx is not None:
-        op.output("influx", ordered, InfluxSink(settings.influx))
+        op.output("influx", to_influx, InfluxSink(settings.influx))
     if settings.lake_dir is not None:
         op.output("lake", ordered, LakeSink(settings.lake_dir, partitions))
     return flow

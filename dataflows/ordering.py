@@ -23,8 +23,7 @@ filter them.
 **Late path.** A reading that arrives when its device has already released a reading at the
 same or a later event time cannot be put in order any more: it is emitted at once as a
 :attr:`Kind.LATE` point, stored like any other (TSDB and lake), counted in ``late``, and not
-given to the detectors nor to gap filling. No alert is re-evaluated for late readings (none
-is, yet).
+given to the detectors nor to gap filling. No alert is re-evaluated for late readings.
 
 **Gaps.** Each device's cadence comes from the registry (``cadence_s``) or, for devices not
 in it, is learned as the smallest of the last 8 positive intervals between its readings.

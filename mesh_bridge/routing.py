@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 import zlib
@@ -156,6 +157,7 @@ class ShardRouter:
 
 def _serve(spec: RouterSpec, conn: Connection) -> None:
     """A router process: route what comes, answer with results, until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; it stops us
     shard = spec.build()
     while True:
         if conn.poll(shard.wait_s()):

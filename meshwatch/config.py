@@ -369,6 +369,12 @@ class FlowConfig(_Section):
     recovery_dir: Path | None = None
     lake_dir: Path | None = None
     write_retry_max_s: float = Field(10.0, gt=0, le=3600)
+    detect: bool = True
+    """Run the detection stage (needs ``registry.file``: districts and device kinds)."""
+    write_scores: bool = True
+    """With detection and ``influxdb``: write each scored reading's score (``mw_score``)."""
+    edge_scores: bool = True
+    """With ``influxdb``: store edge models' scores from ``mw/v1/mesh/scores/{n}``."""
 
     @field_validator("client_id")
     @classmethod

@@ -92,7 +92,8 @@ class Service:
                                   registry=self.metrics)
         self.sender = OutboxSender(self.store, broker, client_id=f"{r.client_id}-out",
                                    webhook_url=r.webhook_url, webhook_retries=r.webhook_retries,
-                                   webhook_backoff_max_s=r.webhook_backoff_max_s)
+                                   webhook_backoff_max_s=r.webhook_backoff_max_s,
+                                   protocol=config.mesh_broker.protocol)
         self.app = create_app(self.store, Tokens(principals), saved_horizon_h=r.saved_horizon_h,
                               metrics=self.metrics, health=self.health)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=r.http_host,

@@ -19,7 +19,7 @@ import urllib.request
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.publisher import BrokerAddress, apply_address
+from edge_agent.publisher import BrokerAddress, apply_address, paho_protocol
 from meshwatch.backoff import Backoff
 from remediation.store import Store
 
@@ -56,10 +56,12 @@ class OutboxSender:
 
     def __init__(self, store: Store, broker: BrokerAddress | None, *, client_id: str,
                  webhook_url: str | None = None, webhook_retries: int = 5,
-                 webhook_backoff_max_s: float = 60.0, poll_s: float = 0.05) -> None:
+                 webhook_backoff_max_s: float = 60.0, poll_s: float = 0.05,
+                 protocol: str = "5") -> None:
         self.store = store
         self.broker = broker
         self.client_id = client_id
+        self.protocol = protocol
         self.webhook_url = webhook_url
         self.webhook_retries = webhook_retries
         self.webhook_backoff_max_s = webhook_backoff_max_s
@@ -77,7 +79,7 @@ class OutboxSender:
         """Connect to the broker and start sending."""
         if self.broker is not None:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                 protocol=mqtt.MQTTv5)
+                                 protocol=paho_protocol(self.protocol))
             client.reconnect_delay_set(min_delay=1, max_delay=30)
             client.max_inflight_messages_set(1000)
             apply_address(client, self.broker)

@@ -59,9 +59,9 @@ def counts(engine: Engine) -> dict[str, int]:
 
 
 def service_config(tmp_path: Path, db_url: str, broker_url: str, port: int,
-                   **remediation: Any) -> Config:
+                   protocol: str = "5", **remediation: Any) -> Config:
     return Config(
-        database={"url": db_url}, mesh_broker={"url": broker_url},
+        database={"url": db_url}, mesh_broker={"url": broker_url, "protocol": protocol},
         remediation={
             "http_port": port, "operator_tokens": [TOKENS["operator"]], "sla_check_s": 0.2,
             "crews": [{"crew_id": c.crew_id, "districts": list(c.districts),

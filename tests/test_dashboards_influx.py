@@ -24,7 +24,7 @@ from dashboards.boards import all_dashboards
 from dashboards.influxql import interpolate
 from dataflows.connectors import influx
 from dataflows.ordering import Kind, OrderSettings, ShardState
-from dataflows.records import ShardOutput
+from dataflows.records import DistrictOutput, ShardOutput
 from meshwatch.contract import Reading
 
 MIN = 60_000
@@ -63,8 +63,11 @@ def dataflow_lines() -> list[str]:
             scores = [(p.device_id, p.ts_ms, 0.25) for p in released.points
                       if p.kind is Kind.MEASURED]
             out = ShardOutput(shard, released, dict(shards[shard].counts),
-                              STATS0 + minute * MIN + shard, scores)
+                              STATS0 + minute * MIN + shard)
             lines += influx.lines_of(out)
+            detected = DistrictOutput("d1", [], {"scored": len(scores)},
+                                      STATS0 + minute * MIN + shard, scores=scores)
+            lines += influx.lines_of(detected)
     return lines
 
 

@@ -1,55 +1,240 @@
-"""The detection plug of the dataflow: one stateful step, per device, in event-time order."""
+"""The detection stage's logic (no bytewax, no servers): per-district pipelines behind watermarks.
+
+The flow's steps are run by hand: the ordering shards take the mesh messages partition by
+partition, interleaved at random (as bytewax's workers may), their outputs are split by
+district and fed to :class:`~dataflows.detection.DistrictState` in random chunks. The alerts
+must be those of ``meshwatch evaluate``'s pipeline on the same fleet whatever the
+interleaving, and a state restored from a pickle in the middle must continue identically.
+``tests/test_flow_alerts.py`` checks the same claim through the real flow.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
+import random
+from collections import Counter, defaultdict
 
-from dataflows.flow import _detect_step
-from dataflows.ordering import Kind, Point, Released
+import numpy as np
+import pytest
+from detect_support import alert_keys, eval_settings, mesh_load, reference
+
+from dataflows.detection import (
+    MAX_CATCH_UP_TICKS,
+    DetectionLayout,
+    DistrictChunk,
+    DistrictState,
+    split_by_district,
+)
+from dataflows.ordering import OrderSettings, ShardState, shard_of
 from dataflows.records import ShardOutput
+from meshwatch.contract import Alert, AlertStatus, Feedback, Outcome, TelemetryBatch, decode
+from simulators import CommFaultLog, CommRates, FleetSimulator
+from simulators.comms import CommFault
 
-T0 = 1_767_225_600_000
-
-
-class Recorder:
-    """A stand-in with the detector contract that records the calls it gets."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.calls: list[tuple[str, float]] = []
-
-    def score_one(self, x: dict[str, float]) -> float:
-        self.calls.append(("score", x["ts_ms"]))
-        return min(1.0, len(self.calls) / 10)
-
-    def learn_one(self, x: dict[str, float]) -> None:
-        self.calls.append(("learn", x["ts_ms"]))
+PARTITIONS, SHARDS = 4, 2
+T0 = 1_767_571_200_000
 
 
-def output(*points: Point) -> ShardOutput:
-    return ShardOutput(0, Released(list(points)), {}, 0)
+@pytest.fixture(scope="module")
+def fleet() -> tuple[object, list[Alert], dict[int, list[bytes]], DetectionLayout]:
+    settings = eval_settings()
+    config = settings.sim_config()
+    sim_fleet = FleetSimulator(config).fleet
+    kinds = ("customer_meter", "district_meter", "pump_station")
+    cadence = np.where(sim_fleet.kind == 0, config.fleet.customer_cadence_s,
+                       config.fleet.scada_cadence_s)
+    rows = [(str(d), kinds[k], sim_fleet.district_ids[t], float(c)) for d, k, t, c in zip(
+        sim_fleet.device_ids.tolist(), sim_fleet.kind.tolist(), sim_fleet.district_of.tolist(),
+        cadence.tolist(), strict=True)]
+    layout = DetectionLayout.from_rows(rows, PARTITIONS, SHARDS)
+    return settings, reference(settings), mesh_load(settings, PARTITIONS), layout
 
 
-def test_each_device_gets_its_own_detector_and_only_in_order_measured_readings() -> None:
-    made: list[str] = []
+class Flow:
+    """The flow's order → by_district → detect steps, run by hand."""
 
-    def factory(device: str) -> Recorder:
-        made.append(device)
-        return Recorder(device)
+    def __init__(self, layout: DetectionLayout, lateness_ms: int = 60_000) -> None:
+        self.layout = layout
+        self.order = OrderSettings(allowed_lateness_ms=lateness_ms)
+        self.shards: dict[int, ShardState] = {}
+        self.districts: dict[str, DistrictState] = {}
+        self.inbox: dict[str, list[DistrictChunk]] = defaultdict(list)
+        self.alerts: list[Alert] = []
 
-    step = _detect_step(factory)
-    state, out = step(None, output(
-        Point("a", T0, 0, {"flow_lpm": 1.0}, Kind.MEASURED),
-        Point("a", T0 + 60_000, -1, {"flow_lpm": 1.5}, Kind.IMPUTED),
-        Point("b", T0, 0, {"flow_lpm": 2.0}, Kind.MEASURED),
-        Point("a", T0 - 60_000, 5, {"flow_lpm": 9.0}, Kind.LATE),
-    ))
-    assert made == ["a", "b"]
-    assert [(d, ts) for d, ts, _ in out.scores] == [("a", T0), ("b", T0)]
-    assert state["a"].calls == [("score", T0), ("learn", T0)]  # score first, then learn
-    state = pickle.loads(pickle.dumps(state))  # bytewax snapshots it
-    state, out = step(state, output(Point("a", T0 + 120_000, 1, {"flow_lpm": 2.0},
-                                          Kind.MEASURED)))
-    assert made == ["a", "b"]  # resumed, not rebuilt
-    assert state["a"].calls[-2:] == [("score", T0 + 120_000), ("learn", T0 + 120_000)]
-    assert out.scores == [("a", T0 + 120_000, 0.3)]
+    def message(self, payload: bytes) -> None:
+        groups: dict[int, list] = defaultdict(list)
+        for r in decode(payload, TelemetryBatch).readings:
+            groups[shard_of(r.device_id, PARTITIONS, SHARDS)].append(r)
+        for shard, readings in groups.items():
+            state = self.shards.setdefault(shard, ShardState(self.order))
+            before = state.watermark
+            released = state.process(readings, {})
+            self._split(ShardOutput(shard, released, {}, 0, state.watermark, before))
+
+    def _split(self, output: ShardOutput) -> None:
+        for district, chunk in split_by_district(output, self.layout):
+            self.inbox[district].append(chunk)
+
+    def detect(self, rng: random.Random) -> None:
+        """Hand each district the chunks waiting for it, in one or a few batches."""
+        for district, chunks in self.inbox.items():
+            state = self.districts.get(district)
+            if state is None:
+                state = self.districts[district] = DistrictState.of(self.layout, district)
+            while chunks:
+                n = rng.randint(1, len(chunks))
+                self.alerts += state.take(chunks[:n])
+                del chunks[:n]
+
+    def finish(self) -> None:
+        """The idle flush of every shard, then of every district (as the flow's timers do)."""
+        for shard, state in self.shards.items():
+            before = state.watermark
+            self._split(ShardOutput(shard, state.flush({}), {}, 0, state.watermark, before))
+        self.detect(random.Random(0))
+        for state in self.districts.values():
+            self.alerts += state.release_idle()
+
+
+def run(layout: DetectionLayout, load: dict[int, list[bytes]], seed: int,
+        restore_at: int | None = None) -> Flow:
+    rng = random.Random(seed)
+    flow = Flow(layout)
+    queues = {p: list(messages) for p, messages in load.items()}
+    taken = 0
+    while any(queues.values()):
+        p = rng.choice([p for p, q in queues.items() if q])
+        for _ in range(rng.randint(1, 30)):  # a burst of one partition, as next_batch gives
+            if queues[p]:
+                flow.message(queues[p].pop(0))
+                taken += 1
+        if rng.random() < 0.5:
+            flow.detect(rng)
+        if restore_at is not None and taken >= restore_at:
+            flow.detect(rng)
+            flow.districts = pickle.loads(pickle.dumps(flow.districts))  # a snapshot
+            flow.shards = pickle.loads(pickle.dumps(flow.shards))
+            restore_at = None
+    flow.detect(rng)
+    flow.finish()
+    return flow
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_district_pipelines_raise_evaluates_alerts_whatever_the_interleaving(fleet,
+                                                                            seed) -> None:
+    _, want, load, layout = fleet
+    kinds = Counter(str(a.evidence["category"]) for a in want)
+    for category in ("customer_leak", "sensor_fault", "burst", "silent"):  # it covers them
+        assert kinds[category] > 0, (category, kinds)
+    flow = run(layout, load, seed)
+    assert alert_keys(flow.alerts) == alert_keys(want)
+    counts = Counter()
+    for state in flow.districts.values():
+        counts.update(state.counts)
+    assert counts["waiting"] == 0
+    assert counts["behind"] == 0  # in-order delivery: nothing comes behind the ticks
+    assert counts["fed"] == sum(s.pipeline.readings for s in flow.districts.values())
+
+
+def test_a_restored_snapshot_continues_identically(fleet) -> None:
+    _, want, load, layout = fleet
+    half = sum(len(m) for m in load.values()) // 2
+    flow = run(layout, load, seed=3, restore_at=half)
+    assert alert_keys(flow.alerts) == alert_keys(want)
+
+
+def test_a_quiet_shard_holds_its_district_back_until_released() -> None:
+    layout = DetectionLayout.from_rows([("mtr-1", "customer_meter", "dma-01", 900),
+                                        ("mtr-4", "customer_meter", "dma-01", 900)], 1, 2)
+    assert layout.shards_of["dma-01"] == {0, 1}
+    state = DistrictState.of(layout, "dma-01")
+    slot = layout.slot_of["mtr-1"][1]
+
+    def chunk(i: int) -> DistrictChunk:
+        ts = T0 + i * 900_000
+        return DistrictChunk("dma-01", 1, ts, np.array([0], np.int8), np.array([slot]),
+                             np.array([ts]), np.array([1.0]), np.array([3.6]),
+                             np.array([np.nan]))
+
+    for i in range(1, 40):  # shard 0 (mtr-4) never reports: everything waits
+        state.take([chunk(i)])
+    assert (state.counts["fed"], state.counts["waiting"], state.held_back) == (0, 39, True)
+    state.release_idle()
+    assert (state.counts["fed"], state.counts["waiting"], state.held_back) == (39, 0, False)
+    assert (state.counts["ticks"], state.watermark) == (39, T0 + 39 * 900_000)
+    state.take([chunk(40)])  # still unheard: waits for the next release
+    assert state.counts["waiting"] == 1
+
+
+def test_feedback_clears_an_alert_once_and_survives_a_snapshot(fleet) -> None:
+    _, want, load, layout = fleet
+    flow = run(layout, load, seed=4)
+    leak = min((a for a in want if a.evidence["category"] == "customer_leak"),
+               key=lambda a: a.alert_id)
+    state = flow.districts[leak.district]
+    feedback = Feedback(work_order_id="wo-1", alert_ids=[leak.alert_id, "al-unknown"],
+                        outcome=Outcome.FALSE_ALARM, ts_ms=leak.last_ts_ms + 3_600_000)
+    [cleared] = state.feedback(feedback)
+    assert (cleared.alert_id, cleared.status, cleared.district) == (
+        leak.alert_id, AlertStatus.CLEARED, leak.district)  # the district filled in
+    assert cleared.evidence["cleared_by"] == "feedback"
+    restored = pickle.loads(pickle.dumps(state))
+    assert restored.feedback(feedback) == []  # the same work order again: nothing
+    assert [label.alert_id for label in restored.labels] == [leak.alert_id]
+    assert (restored.counts["feedback"], restored.counts["feedback_unknown_alerts"]) == (1, 1)
+
+
+def test_a_watermark_jump_far_ahead_ticks_at_most_a_week() -> None:
+    layout = DetectionLayout.from_rows([("mtr-1", "customer_meter", "dma-01", 900)], 1, 1)
+    state = DistrictState.of(layout, "dma-01")
+
+    def chunk(ts: int) -> DistrictChunk:
+        return DistrictChunk("dma-01", 0, ts, np.array([0], np.int8), np.array([0]),
+                             np.array([ts]), np.array([1.0]), np.array([3.6]),
+                             np.array([np.nan]))
+
+    state.take([chunk(T0 + 900_000)])
+    state.take([chunk(T0 + 900_000 + 365 * 86_400_000)])  # a clock a year ahead
+    assert state.counts["ticks"] == 1 + MAX_CATCH_UP_TICKS
+    assert state.counts["ticks_skipped"] == 365 * 96 - MAX_CATCH_UP_TICKS
+    assert state.counts["fed"] == 2
+
+
+def test_with_reordering_comm_faults_the_incidents_agree_and_only_clear_times_differ(
+        fleet) -> None:
+    """Late retries, duplicates and skewed clocks on (see detect_support for why they differ).
+
+    Same incidents (ids) and the same openings; a clear may come at another time: on a device
+    whose own readings were reordered, or by one tick anywhere while some clock runs ahead
+    (evaluate ticks at the newest event time it was fed, which such a clock drags ahead, so
+    it ticks at ``T`` before the readings stamped ``T``; the flow's district watermark is a
+    minimum over shards and is not dragged).
+    """
+    settings, _, _, layout = fleet
+    settings = dataclasses.replace(settings, comms=CommRates(meter_gap_per_device_day=0.05))
+    logs: list[CommFaultLog] = []
+    simulator = FleetSimulator(settings.sim_config(), on_comm_faults=logs.append)
+    for _ in simulator:
+        pass
+    log = CommFaultLog.concat(logs)
+    reordering = (CommFault.LATE, CommFault.DUPLICATE, CommFault.CLOCK_SKEW)
+    for fault in reordering:
+        assert (log.fault == fault).any(), fault.name  # the run has each of them
+    touched = {str(simulator.fleet.device_ids[d])
+               for d in log.device[np.isin(log.fault, reordering)].tolist()}
+    want = reference(settings)
+    flow = run(layout, mesh_load(settings, PARTITIONS), seed=5)
+    assert {a.alert_id for a in flow.alerts} == {a.alert_id for a in want}
+    assert alert_keys(a for a in flow.alerts if a.status is AlertStatus.OPEN) == alert_keys(
+        a for a in want if a.status is AlertStatus.OPEN)
+    mine = {(a.alert_id, a.status): a for a in flow.alerts}
+    theirs = {(a.alert_id, a.status): a for a in want}
+    assert set(mine) == set(theirs)
+    differ = [key for key in mine if alert_keys([mine[key]]) != alert_keys([theirs[key]])]
+    assert len(differ) <= len(want) // 5
+    for key in differ:
+        ours, evaluated = mine[key], theirs[key]
+        assert ours.device_id in touched or abs(ours.last_ts_ms - evaluated.last_ts_ms) <= (
+            900_000), (key, ours.device_id, ours.last_ts_ms, evaluated.last_ts_ms)

@@ -1,7 +1,9 @@
 """The mesh source's ack protocol against a real mosquitto, without bytewax around it.
 
 A *crash* here stops a partition's network loop without a DISCONNECT or an ack and connects a
-new partition with the same client id, which takes the persistent session over.
+new partition with the same client id, which takes the persistent session over. Every test
+runs over MQTT 5 and over 3.1.1 (mosquitto speaks both; the embedded amqtt only 3.1.1), whose
+persistent session is ``clean_session=False`` and whose in-flight bound is the source's own.
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ from meshwatch.contract import topics
 pytestmark = pytest.mark.timeout(60)
 
 
-def source(broker) -> MeshSource:
+@pytest.fixture(params=["5", "3.1.1"])
+def protocol(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def source(broker, protocol: str, receive_maximum: int = 1000) -> MeshSource:
     return MeshSource(MqttSourceSettings(BrokerAddress(broker.host, broker.port), 1,
-                                         client_id="src-test", session_expiry_s=600))
+                                         client_id="src-test", session_expiry_s=600,
+                                         receive_maximum=receive_maximum,
+                                         protocol=protocol))  # type: ignore[arg-type]
 
 
 def publish(broker, payloads: list[bytes]) -> None:
@@ -63,8 +72,9 @@ def started(src: MeshSource, resume: SourceState | None):
     return part
 
 
-def test_acks_wait_one_snapshot_and_a_restart_skips_what_the_state_holds(mosquitto) -> None:
-    src = source(mosquitto)
+def test_acks_wait_one_snapshot_and_a_restart_skips_what_the_state_holds(mosquitto,
+                                                                          protocol) -> None:
+    src = source(mosquitto, protocol)
     part = started(src, None)
     publish(mosquitto, [b"m1", b"m2", b"m3"])
     assert take(part, 3) == [b"m1", b"m2", b"m3"]
@@ -91,8 +101,9 @@ def test_acks_wait_one_snapshot_and_a_restart_skips_what_the_state_holds(mosquit
     part.close()
 
 
-def test_a_redelivered_copy_of_a_pending_message_is_skipped_and_acked_later(mosquitto) -> None:
-    src = source(mosquitto)
+def test_a_redelivered_copy_of_a_pending_message_is_skipped_and_acked_later(mosquitto,
+                                                                            protocol) -> None:
+    src = source(mosquitto, protocol)
     part = started(src, None)
     publish(mosquitto, [b"same", b"same", b"other"])  # a bridge republish: same bytes twice
     assert take(part, 2) == [b"same", b"other"]
@@ -104,4 +115,26 @@ def test_a_redelivered_copy_of_a_pending_message_is_skipped_and_acked_later(mosq
     crash(part)
     part = started(src, None)  # no resume state: anything unacknowledged would be taken
     assert take(part, 0, wait_s=1.5) == []
+    part.close()
+
+
+def test_at_most_receive_maximum_messages_are_held_until_acked(mosquitto, protocol) -> None:
+    # MQTT 5: the broker stops at Receive Maximum; 3.1.1: the partition stops reading
+    src = source(mosquitto, protocol, receive_maximum=2)
+    part = started(src, None)
+    publish(mosquitto, [b"m1", b"m2", b"m3", b"m4", b"m5"])
+    assert take(part, 2, wait_s=1.5) == [b"m1", b"m2"]  # m3-m5 wait while m1, m2 are held
+    part.snapshot()  # m1, m2 pending for one more snapshot: still nothing more
+    assert take(part, 0, wait_s=1.0) == []
+    part.snapshot()  # m1, m2 acknowledged: slots free, the rest comes as acks go out
+    rest: list[bytes] = []
+    for _ in range(6):
+        rest += take(part, 1, wait_s=1.0)
+        part.snapshot()
+    assert rest == [b"m3", b"m4", b"m5"]
+    part.snapshot()
+    time.sleep(0.3)
+    crash(part)
+    part = started(src, None)  # all five were acknowledged: nothing comes again
+    assert take(part, 0, wait_s=1.0) == []
     part.close()

@@ -31,10 +31,11 @@ from remediation.command import Service
 from remediation.db import AlertRow, WorkOrderRow, make_engine
 
 
-@pytest.fixture
-def service(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Service]:
+@pytest.fixture(params=["5", "3.1.1"])  # 3.1.1: brokers without MQTT 5 (the demo's amqtt)
+def service(request: pytest.FixtureRequest, tmp_path: Path,
+            mosquitto: Mosquitto) -> Iterator[Service]:
     config = service_config(tmp_path, f"sqlite:///{tmp_path / 'r.db'}", mosquitto.url,
-                            free_port())
+                            free_port(), protocol=request.param)
     svc = Service(config).start()
     wait_for(lambda: svc.intake.connected, what="intake connected")
     yield svc

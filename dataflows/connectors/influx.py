@@ -10,9 +10,18 @@ overwrites what it wrote before:
 - ``mw_telemetry,device=D,imputed=false|true <metric>=<value>,... <ts_ms>``: every released
   reading (late ones too); imputed readings carry ``imputed=true``.
 - ``mw_silence,device=D missed=Ni,last_seen_ms=Ni,resumed=0|1i <ts_ms>``: silence records.
-- ``mw_score,device=D score=<0..1> <ts_ms>``: detector scores, when a detector is plugged in.
+- ``mw_score,device=D score=<0..1> <ts_ms>``: the detection stage's score of each reading it
+  scored (a customer meter's highest, an inlet's burst score), with ``flow.write_scores``.
+- ``mw_edge_score,device=D,model=M,model_version=V score=<0..1>,window_start_ms=Ni
+  <window_end_ms>``: edge models' scores (from ``mw/v1/mesh/scores/{n}``), beside ``mw_score``.
+- ``mw_alert,device=D,district=X,kind=K,severity=S,status=open|update|cleared
+  alert_id="…",active=1i|0i,score=…,est_loss_lph=…,first_ts_ms=Ni,last_ts_ms=Ni <last_ts_ms>``:
+  every alert message of the detection stage (the schema of ``dashboards/measurements.py``:
+  ``device`` absent for district alerts, ``est_loss_lph`` 0 when cleared or unknown).
 - ``mw_flow,shard=S <counter>=Ni,... <wall ms>``: a shard's cumulative counters (pipeline
   stats, wall-clock stamped: the newest sample is the current value).
+- ``mw_detect,district=X <counter>=Ni,...,watermark_ms=Ni <wall ms>``: a district's detection
+  counters (:data:`dataflows.detection.COUNTERS`), stamped the same way.
 
 VictoriaMetrics names them ``<measurement>_<field>`` (``mw_telemetry_flow_lpm``).
 
@@ -29,12 +38,18 @@ validated readings).
 'mw_telemetry,device=m1,imputed=false flow_lpm=1.5 1767225600000'
 >>> line_of_point(Point("m1", 1767225660000, -1, {"flow_lpm": 2.0}, Kind.IMPUTED))
 'mw_telemetry,device=m1,imputed=true flow_lpm=2.0 1767225660000'
+>>> line_of_alert(Alert(alert_id="al-1", district="dma-01", kind="burst", severity="critical",
+...     score=0.97, first_ts_ms=1767225600000, last_ts_ms=1767225660000,
+...     model_version="water-1.0"))  # doctest: +NORMALIZE_WHITESPACE
+'mw_alert,district=dma-01,kind=burst,severity=critical,status=open alert_id="al-1",active=1i,\
+score=0.97,est_loss_lph=0.0,first_ts_ms=1767225600000i,last_ts_ms=1767225660000i 1767225660000'
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
@@ -44,10 +59,12 @@ from influxdb_client.rest import ApiException
 from urllib3.exceptions import HTTPError
 
 from dataflows.ordering import DeviceSilent, Kind, Point
-from dataflows.records import ShardOutput
+from dataflows.records import DistrictOutput, ShardOutput
 from meshwatch.backoff import Backoff
+from meshwatch.contract.events import Alert, AlertStatus, EdgeScore
 
-__all__ = ["InfluxSettings", "InfluxSink", "line_of_point", "lines_of", "sink_part_name"]
+__all__ = ["InfluxSettings", "InfluxSink", "line_of_alert", "line_of_point", "lines_of",
+           "sink_part_name"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +72,9 @@ TELEMETRY = "mw_telemetry"
 SILENCE = "mw_silence"
 STATS = "mw_flow"
 SCORE = "mw_score"
+EDGE_SCORE = "mw_edge_score"
+ALERT = "mw_alert"
+DETECT = "mw_detect"
 _NEVER_PASSES = frozenset({400, 422})
 
 
@@ -79,11 +99,53 @@ def _line_of_silence(s: DeviceSilent) -> str:
             f"resumed={0 if s.resumed_ms is None else 1}i {s.ts_ms}")
 
 
-def lines_of(item: ShardOutput) -> list[str]:
-    """Every line of one shard output: points, silences, then the shard's counters."""
+def line_of_alert(alert: Alert) -> str:
+    """One ``mw_alert`` line (ids, kinds and statuses need no escaping: see the contract)."""
+    device = "" if alert.device_id is None else f",device={alert.device_id}"
+    district = "" if alert.district is None else f",district={alert.district}"
+    cleared = alert.status is AlertStatus.CLEARED
+    loss = 0.0 if cleared or alert.est_loss_lph is None else alert.est_loss_lph
+    active = 0 if cleared else 1
+    return (f"{ALERT}{device}{district},kind={alert.kind.value},severity={alert.severity.value},"
+            f"status={alert.status.value} alert_id=\"{alert.alert_id}\",active={active}i,"
+            f"score={alert.score!r},est_loss_lph={loss!r},first_ts_ms={alert.first_ts_ms}i,"
+            f"last_ts_ms={alert.last_ts_ms}i {alert.last_ts_ms}")
+
+
+def lines_of_scores(scores: EdgeScore) -> list[str]:
+    """``mw_edge_score`` lines of an edge model's windows (ids need no escaping).
+
+    >>> lines = lines_of_scores(EdgeScore(site="s1", gateway_id="gw-1", model_id="rf",
+    ...     model_version="3", windows=[{"device_id": "m1", "window_start_ms": 1767225600000,
+    ...     "window_end_ms": 1767229200000, "score": 0.25}]))
+    >>> lines[0].split(" ")  # doctest: +NORMALIZE_WHITESPACE
+    ['mw_edge_score,device=m1,model=rf,model_version=3',
+     'score=0.25,window_start_ms=1767225600000i', '1767229200000']
+    """
+    tags = f"model={scores.model_id},model_version={scores.model_version}"
+    return [f"{EDGE_SCORE},device={w.device_id},{tags} score={w.score!r},"
+            f"window_start_ms={w.window_start_ms}i {w.window_end_ms}" for w in scores.windows]
+
+
+def lines_of(item: ShardOutput | DistrictOutput | EdgeScore) -> list[str]:
+    """Every line of one output.
+
+    A shard's: points, silences, then its counters; a district's: alerts, scores, then its
+    counters; an edge model's: its windows' scores.
+    """
+    if isinstance(item, EdgeScore):
+        return lines_of_scores(item)
+    if isinstance(item, DistrictOutput):
+        lines = [line_of_alert(alert) for alert in item.alerts]
+        lines += [f"{SCORE},device={device} score={score!r} {ts}"
+                  for device, ts, score in item.scores]
+        counters = ",".join(f"{name}={value}i" for name, value in item.counts.items())
+        if item.watermark is not None:
+            counters += f",watermark_ms={item.watermark}i"
+        lines.append(f"{DETECT},district={item.district} {counters} {item.stats_ms}")
+        return lines
     lines = [line_of_point(p) for p in item.released.points]
     lines += [_line_of_silence(s) for s in item.released.silences]
-    lines += [f"{SCORE},device={device} score={score!r} {ts}" for device, ts, score in item.scores]
     counters = ",".join(f"{name}={value}i" for name, value in item.counts.items())
     lines.append(f"{STATS},shard={item.shard} {counters} {item.stats_ms}")
     return lines
@@ -113,7 +175,8 @@ class InfluxSinkState:
     rejected: int = 0
 
 
-class _InfluxPartition(StatefulSinkPartition[ShardOutput, InfluxSinkState]):
+class _InfluxPartition(StatefulSinkPartition[ShardOutput | DistrictOutput | EdgeScore,
+                                             InfluxSinkState]):
     def __init__(self, settings: InfluxSettings, name: str,
                  resume: InfluxSinkState | None) -> None:
         self.settings = settings
@@ -124,7 +187,7 @@ class _InfluxPartition(StatefulSinkPartition[ShardOutput, InfluxSinkState]):
         self._write = self._client.write_api(write_options=SYNCHRONOUS)
         self._backoff = Backoff(initial_s=0.1, max_s=settings.retry_max_s)
 
-    def write_batch(self, values: list[ShardOutput]) -> None:
+    def write_batch(self, values: list[ShardOutput | DistrictOutput | EdgeScore]) -> None:
         lines = [line for item in values for line in lines_of(item)]
         size = self.settings.batch_size
         for start in range(0, len(lines), size):
@@ -164,8 +227,9 @@ class _InfluxPartition(StatefulSinkPartition[ShardOutput, InfluxSinkState]):
         self._client.close()  # type: ignore[no-untyped-call]
 
 
-class InfluxSink(FixedPartitionedSink[ShardOutput, InfluxSinkState]):
-    """Writes shard outputs keyed by shard number (a string) to InfluxDB; see the module doc."""
+class InfluxSink(FixedPartitionedSink[ShardOutput | DistrictOutput | EdgeScore,
+                                      InfluxSinkState]):
+    """Writes shard, district and edge-score outputs (keyed by shard, district, partition)."""
 
     def __init__(self, settings: InfluxSettings) -> None:
         self.settings = settings
@@ -175,8 +239,10 @@ class InfluxSink(FixedPartitionedSink[ShardOutput, InfluxSinkState]):
         return [sink_part_name(p) for p in range(self.settings.partitions)]
 
     def part_fn(self, item_key: str) -> int:
-        """A shard's items go to its mesh partition (``shard % partitions``)."""
-        return int(item_key) % self.settings.partitions
+        """Where an item goes: a shard's to its mesh partition, a district's by CRC-32."""
+        if item_key.isdigit():
+            return int(item_key) % self.settings.partitions
+        return zlib.crc32(item_key.encode()) % self.settings.partitions
 
     def build_part(self, step_id: str, for_part: str,
                    resume_state: InfluxSinkState | None) -> _InfluxPartition:

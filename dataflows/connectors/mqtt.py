@@ -2,8 +2,13 @@
 
 **Source.** :class:`MeshSource` is a bytewax ``FixedPartitionedSource`` with one partition
 per mesh telemetry partition (``mw/v1/mesh/telemetry/{n}``). Each partition has its own paho
-client (MQTT 5, client id ``{client_id}-p{n}``) with a persistent session: ``clean_start=False``
-on every connect and a session expiry, QoS1 subscription, Receive Maximum, manual acks.
+client (client id ``{client_id}-p{n}``) with a persistent session, a QoS1 subscription and
+manual acks. MQTT 5 (the default): ``clean_start=False`` on every connect, a session expiry,
+and Receive Maximum. MQTT 3.1.1 (``protocol="3.1.1"``, for brokers without MQTT 5 such as the
+embedded amqtt): ``clean_session=False`` (such sessions do not expire) and no Receive Maximum,
+so the partition bounds what it holds itself: at most ``receive_maximum`` messages received
+and not yet acknowledged (queued, taken or pending); the paho network thread waits for a free
+slot before it queues the next one, so the rest stays in the broker's session or the socket.
 
 **Ack protocol** (at-least-once in). bytewax calls ``snapshot()`` once per epoch per
 partition and does not start epoch N+1's snapshot until epoch N's is committed. A message is
@@ -26,8 +31,10 @@ those messages, which are then skipped. Readings are de-duplicated
 again by ``(device, seq)`` in keyed state, whatever happens here.
 
 Back-pressure: when the flow is blocked (a sink retrying), ``next_batch`` is not called,
-no snapshot completes, no ack is sent, and the broker stops at Receive Maximum; the rest
-waits in the session.
+no snapshot completes, no ack is sent, and the broker stops at Receive Maximum (on 3.1.1, the
+partition stops reading at ``receive_maximum``); the rest waits in the session. On 3.1.1 a
+blocked network thread sends no PINGREQ either: a broker may drop the connection after 1.5
+keep-alives, and the messages not acknowledged come again on the next one (skipped as above).
 
 **Dead letters.** :class:`DeadLetterSink` publishes :class:`~meshwatch.contract.DeadLetter`
 events at QoS1 to ``mw/v1/deadletter/{reason}`` and waits for each PUBACK, retrying until it
@@ -55,7 +62,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.publisher import BrokerAddress, apply_address
+from edge_agent.publisher import BrokerAddress, MqttProtocol, apply_address, paho_protocol
 from meshwatch.backoff import Backoff
 from meshwatch.contract import DeadLetter, encode, topics
 
@@ -78,7 +85,11 @@ def digest(payload: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class MqttSourceSettings:
-    """How the partitions connect (see the module doc)."""
+    """How the partitions connect (see the module doc).
+
+    ``receive_maximum`` bounds the messages a partition holds unacknowledged: sent to the
+    broker as Receive Maximum on MQTT 5, enforced by the partition itself on 3.1.1.
+    """
 
     broker: BrokerAddress
     partitions: int
@@ -88,6 +99,13 @@ class MqttSourceSettings:
     keepalive_s: int = 30
     max_batch: int = 20
     remember_epochs: int = 5
+    protocol: MqttProtocol = "5"
+
+    def __post_init__(self) -> None:
+        paho_protocol(self.protocol)  # raises ValueError for anything but "5" and "3.1.1"
+        if self.receive_maximum < 1:
+            msg = f"receive_maximum must be at least 1, got {self.receive_maximum}"
+            raise ValueError(msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,22 +167,31 @@ class _MeshPartition(StatefulSourcePartition[MeshMessage, SourceState]):
         self._connection = 0
         self._connected = False
         self._closing = False
+        v5 = settings.protocol == "5"
+        # MQTT 3.1.1 has no Receive Maximum: one slot per message received and not yet
+        # acknowledged (released in _ack), taken by the network thread before it queues one
+        self._slots = None if v5 else threading.BoundedSemaphore(settings.receive_maximum)
         client_id = f"{settings.client_id}-p{partition}"
         self.client_id = client_id
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv5, manual_ack=True)
+                             protocol=paho_protocol(settings.protocol),
+                             clean_session=None if v5 else False, manual_ack=True)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         apply_address(client, settings.broker)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self._client = client
-        # clean_start=False on every connect, the first included: a session created clean
-        # is not persisted by mosquitto, and a clean start would drop what waits in it.
-        client.connect_async(settings.broker.host, settings.broker.port,
-                             keepalive=settings.keepalive_s, clean_start=False,
-                             properties=_connect_properties(settings.session_expiry_s,
-                                                            settings.receive_maximum))
+        if v5:
+            # clean_start=False on every connect, the first included: a session created clean
+            # is not persisted by mosquitto, and a clean start would drop what waits in it.
+            client.connect_async(settings.broker.host, settings.broker.port,
+                                 keepalive=settings.keepalive_s, clean_start=False,
+                                 properties=_connect_properties(settings.session_expiry_s,
+                                                                settings.receive_maximum))
+        else:  # clean_session=False (set above) holds for every connect
+            client.connect_async(settings.broker.host, settings.broker.port,
+                                 keepalive=settings.keepalive_s)
         client.loop_start()
 
     # paho network thread -------------------------------------------------------------------
@@ -190,6 +217,10 @@ class _MeshPartition(StatefulSourcePartition[MeshMessage, SourceState]):
                         self.partition, reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._slots is not None:  # 3.1.1: wait until fewer than receive_maximum are held
+            while not self._slots.acquire(timeout=0.5):
+                if self._closing:
+                    return  # not acknowledged: the session keeps it for the next process
         with self._lock:
             connection = self._connection
         self._inbox.put((connection, msg))
@@ -201,6 +232,12 @@ class _MeshPartition(StatefulSourcePartition[MeshMessage, SourceState]):
             current = self._connected and delivery.connection == self._connection
         if current:  # else the broker redelivers it on the new connection; it is skipped then
             self._client.ack(delivery.mid, 1)
+        self._release()
+
+    def _release(self) -> None:
+        """A received message is no longer held (3.1.1: its slot is free)."""
+        if self._slots is not None:
+            self._slots.release()
 
     def _known(self, key: bytes) -> list[_Delivery] | bool:
         """The pending deliveries of ``key``; else whether it was acked or restored."""
@@ -220,6 +257,7 @@ class _MeshPartition(StatefulSourcePartition[MeshMessage, SourceState]):
             if msg.qos == 0:  # nothing to acknowledge, nothing to remember
                 out.append(MeshMessage(self.partition, msg.topic, bytes(msg.payload), now_ms))
                 self.taken_count += 1
+                self._release()
                 continue
             payload = bytes(msg.payload)
             key = digest(payload)
@@ -279,17 +317,19 @@ class MeshSource(FixedPartitionedSource[MeshMessage, SourceState]):
 
 
 class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
-    def __init__(self, broker: BrokerAddress, client_id: str, timeout_s: float) -> None:
+    def __init__(self, broker: BrokerAddress, client_id: str, timeout_s: float,
+                 protocol: MqttProtocol) -> None:
         self.broker = broker
         self.client_id = client_id
         self.timeout_s = timeout_s
+        self.protocol = protocol
         self._client: mqtt.Client | None = None
         self._backoff = Backoff(initial_s=0.2, max_s=10.0)
 
     def _connected(self) -> mqtt.Client:
         while self._client is None:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                 protocol=mqtt.MQTTv5)
+                                 protocol=paho_protocol(self.protocol))
             apply_address(client, self.broker)
             try:
                 client.connect(self.broker.host, self.broker.port, keepalive=30)
@@ -334,14 +374,15 @@ class DeadLetterSink(DynamicSink[DeadLetter]):
     """Publishes dead letters at QoS1 to ``mw/v1/deadletter/{reason}``, waiting for PUBACKs."""
 
     def __init__(self, broker: BrokerAddress, client_id: str = "mw-flow",
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, protocol: MqttProtocol = "5") -> None:
         self.broker = broker
         self.client_id = client_id
         self.timeout_s = timeout_s
+        self.protocol = protocol
 
     def build(self, step_id: str, worker_index: int,
               worker_count: int) -> _DeadLetterPartition:
         """One publisher per worker."""
         return _DeadLetterPartition(self.broker, f"{self.client_id}-dl-w{worker_index}",
-                                    self.timeout_s)
+                                    self.timeout_s, self.protocol)
 

@@ -255,6 +255,10 @@ class WaterPipeline:
         self._district_names = np.array(layout.district_ids, dtype=object)
         self._device_district = self._district_names[layout.district_of]
         self.readings = 0
+        self.score_log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        """When a list, each scored block of readings appends ``(device slots, ts, score)``
+        (a customer meter's score is the higher of its leak and fault scores, an inlet's its
+        burst score): the dataflow writes them as ``mw_score``. None: not kept."""
 
     def _seen(self, device: np.ndarray, ts: np.ndarray) -> None:
         np.maximum.at(self.last_seen, device, ts)
@@ -274,6 +278,8 @@ class WaterPipeline:
                 "district_demand_ratio": np.full(len(ts), np.nan)}
         leak = self.leak.process(device, cols)
         faults = self.faults.process(device, cols)
+        if self.score_log is not None:
+            self.score_log.append((device, ts, np.maximum(leak.score, faults.score)))
         # the district balance takes each reading once, and none that a fault flagged
         usable = faults.fresh & (faults.score < self.faults.threshold)
         self.aggregator.add_customers(device[usable], ts[usable], flow[usable])
@@ -296,6 +302,8 @@ class WaterPipeline:
         scored = self.burst.process(district, {
             "ts_ms": ts, "flow_lpm": flow,
             "pressure_bar": np.asarray(metrics["pressure_bar"], np.float64)})
+        if self.score_log is not None:
+            self.score_log.append((device, ts, scored.score))
         # the night flow leaves out what a burst adds (a burst night is no baseline, no leak)
         calm = scored.score < self.burst.settings.learn_below
         if scored.fresh is not None:

@@ -1,0 +1,438 @@
+"""The flow's detection stage: one :class:`~models.water.pipeline.WaterPipeline` per district.
+
+Pure computation, no I/O (the flow wraps it in a bytewax stateful step keyed by district).
+
+**Why per district.** The water detectors are columnar fleet classes; the district leak
+detector needs every customer meter of a district in one place (the night water balance),
+and the alert policy's fusion ("no network leak during a burst") is per district. So the
+ordering shards' output is re-keyed by district (:func:`split_by_district`, columns per
+chunk, never one item per reading) and each district runs the same batch path that
+``meshwatch evaluate`` runs (:mod:`models.evaluate`), with its own
+:class:`~models.water.pipeline.FleetLayout` built from the registry
+(:class:`DetectionLayout`). Alert ids name the device or district, not a slot, so they do
+not depend on how the fleet is cut.
+
+**Event time across shards.** A district's devices lie in many ordering shards, each with
+its own watermark. A district's watermark is the *minimum* of the watermarks of the shards
+that hold its registered devices (:attr:`DistrictState.watermark`). Readings wait in the
+district until its watermark passes them, and are then fed in event-time order with
+:meth:`~models.water.pipeline.WaterPipeline.tick` called at every 15-minute boundary ``T``
+that the watermark reaches: readings stamped up to ``T``, then ``tick(T)``, then later
+readings. That is the order ``meshwatch evaluate`` produces for a fleet that delivers in
+order (before the first block of the next interval it ticks at the newest event time fed,
+``T``), so the flow raises the same alerts. It needs an allowed lateness above zero: with
+none, a shard's watermark reaches ``T`` with the first reading stamped ``T``, before other
+gateways delivered theirs. A reading released behind the
+district's watermark (a device's backlog) is fed at once, after ticks that already passed
+it, as evaluate does with a late delivery; it is counted in ``behind``.
+
+A shard sends a district its watermark with its readings for that district, and otherwise
+whenever its watermark crosses a minute (:data:`WATERMARK_STEP_MS`), so a district hears
+from every shard about once per event-time minute, not once per message. When a shard
+holding some of a district's devices never reports (all its devices silent since the flow
+started) or stops reporting, :meth:`DistrictState.release_idle` (called by the flow after
+``idle_flush_s`` of wall-clock time without progress while a shard is ahead) moves the
+district's watermark to the newest shard watermark it heard: the quiet shard no longer holds
+the district back, and what it sends later is fed behind the ticks.
+
+>>> import numpy as np
+>>> layout = DetectionLayout.from_rows([
+...     ("mtr-1", "customer_meter", "dma-01", 900), ("mtr-4", "customer_meter", "dma-01", 900),
+...     ("dma-01-inlet", "district_meter", "dma-01", 60)], partitions=1, shards_per_partition=2)
+>>> layout.district_ids, sorted(layout.shards_of["dma-01"])
+(['dma-01'], [0, 1])
+>>> state = DistrictState.of(layout, "dma-01")
+>>> T0 = 1_767_571_200_000
+>>> def chunk(shard, watermark, device, ts, flow):
+...     slot = layout.slot_of[device][1]
+...     return DistrictChunk("dma-01", shard, watermark, np.array([0], np.int8),
+...         np.array([slot]), np.array([ts]), np.array([flow]), np.array([np.nan]),
+...         np.array([np.nan]))
+>>> state.take([chunk(1, T0 + 900_000, "mtr-1", T0 + 900_000, 0.5)])  # shard 0 unheard: wait
+[]
+>>> state.counts["waiting"], state.watermark is None
+(1, True)
+>>> state.take([chunk(0, T0 + 1_800_000, "mtr-4", T0 + 1_800_000, 0.5)])
+[]
+>>> state.counts["fed"], state.counts["waiting"], state.watermark == T0 + 900_000
+(1, 1, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dataflows.ordering import Kind, shard_of
+from dataflows.records import ShardOutput
+from meshwatch.contract.events import Alert, Feedback
+from models.feedback import FeedbackApplier
+from models.water.pipeline import (
+    CUSTOMER,
+    DISTRICT_METER,
+    PUMP_STATION,
+    FleetLayout,
+    PipelineSettings,
+    WaterPipeline,
+)
+
+__all__ = ["COUNTERS", "KIND_CODES", "MAX_CATCH_UP_TICKS", "TICK_MS", "WATERMARK_STEP_MS",
+           "DetectionLayout", "DistrictChunk", "DistrictFeedback", "DistrictState",
+           "split_by_district"]
+
+TICK_MS = 900_000
+"""Event-time step of :meth:`WaterPipeline.tick` (the same as ``meshwatch evaluate``)."""
+
+WATERMARK_STEP_MS = 60_000
+"""A shard tells a district it has no readings for about its watermark once per minute."""
+
+KIND_CODES = {"customer_meter": CUSTOMER, "district_meter": DISTRICT_METER,
+              "pump_station": PUMP_STATION, "other": PUMP_STATION}
+"""Registry device kinds as :class:`FleetLayout` kinds (pump stations and others are only
+seen: no detector scores them, the silence detector watches them)."""
+
+MAX_CATCH_UP_TICKS = 4 * 24 * 7
+"""At most a week of ticks in one jump of the watermark (a clock far ahead, dragged in by an
+idle release): the boundaries before are skipped and counted in ``ticks_skipped``."""
+
+COUNTERS = ("fed", "behind", "waiting", "ticks", "ticks_skipped", "alerts", "idle_releases",
+            "feedback", "feedback_unknown_alerts")
+"""A district's cumulative counters (:attr:`DistrictState.counts`; ``waiting`` is a gauge)."""
+
+
+@dataclass(frozen=True, eq=False)
+class DetectionLayout:
+    """Every registered device's district, kind and slot, and each district's layout and shards.
+
+    Build it with :meth:`from_registry` (or :meth:`from_rows`). Within a district, customer
+    meters take the first slots (as :class:`WaterPipeline` requires), then district meters,
+    then the rest, each group in registry order.
+    """
+
+    district_ids: list[str]
+    layouts: dict[str, FleetLayout]
+    slot_of: dict[str, tuple[str, int, int]]
+    """device id -> (district, slot in the district's layout, kind code)."""
+    shards_of: dict[str, frozenset[int]]
+    """district -> the ordering shards that hold its devices."""
+    districts_of_shard: dict[int, tuple[str, ...]]
+    """shard -> the districts it holds devices of."""
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple[str, str, str, float]], partitions: int,
+                  shards_per_partition: int) -> DetectionLayout:
+        """From ``(device_id, device_kind, district, cadence_s)`` rows (registry order)."""
+        by_district: dict[str, list[tuple[int, str, float]]] = {}
+        for device_id, kind_name, district, cadence in rows:
+            kind = KIND_CODES.get(str(kind_name))
+            if kind is None:
+                msg = f"device {device_id}: unknown device kind {kind_name!r}"
+                raise ValueError(msg)
+            by_district.setdefault(district, []).append((kind, device_id, float(cadence)))
+        layouts: dict[str, FleetLayout] = {}
+        slot_of: dict[str, tuple[str, int, int]] = {}
+        shards_of: dict[str, set[int]] = {}
+        districts_of_shard: dict[int, list[str]] = {}
+        for district, devices in by_district.items():
+            devices.sort(key=lambda row: row[0])  # stable: registry order within a kind
+            ids = np.array([d for _, d, _ in devices], dtype=object)
+            kinds = np.array([k for k, _, _ in devices], np.int8)
+            layouts[district] = FleetLayout(
+                device_ids=ids, kind=kinds, district_of=np.zeros(len(ids), np.int32),
+                district_ids=[district],
+                cadence_s=np.array([c for _, _, c in devices], np.float64))
+            for slot, (kind, device_id, _) in enumerate(devices):
+                slot_of[device_id] = (district, slot, kind)
+                shard = shard_of(device_id, partitions, shards_per_partition)
+                shards_of.setdefault(district, set()).add(shard)
+            for shard in shards_of[district]:
+                districts_of_shard.setdefault(shard, []).append(district)
+        return cls(list(by_district), layouts, slot_of,
+                   {d: frozenset(s) for d, s in shards_of.items()},
+                   {s: tuple(d) for s, d in districts_of_shard.items()})
+
+    @classmethod
+    def from_registry(cls, registry: Iterable[Any], partitions: int,
+                      shards_per_partition: int) -> DetectionLayout:
+        """From a :class:`meshwatch.registry.Registry` (or any iterable of its devices)."""
+        return cls.from_rows(((d.device_id, d.device_kind.value, d.district, d.cadence_s)
+                              for d in registry), partitions, shards_per_partition)
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class DistrictChunk:
+    """One shard's in-order measured readings of one district, as columns, and its watermark.
+
+    ``kind`` holds layout kind codes; ``slot`` indexes the district's layout; a metric a
+    reading does not carry is NaN.
+    """
+
+    district: str
+    shard: int
+    watermark: int | None
+    kind: np.ndarray
+    slot: np.ndarray
+    ts: np.ndarray
+    flow: np.ndarray
+    battery: np.ndarray
+    pressure: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def take(self, index: np.ndarray) -> DistrictChunk:
+        """The readings at ``index`` (a mask or positions), same district, shard, watermark."""
+        return DistrictChunk(self.district, self.shard, self.watermark, self.kind[index],
+                             self.slot[index], self.ts[index], self.flow[index],
+                             self.battery[index], self.pressure[index])
+
+    @staticmethod
+    def concat(parts: Sequence[DistrictChunk]) -> DistrictChunk:
+        """The readings of ``parts`` in order (district, shard and watermark of the last)."""
+        last = parts[-1]
+        if len(parts) == 1:
+            return last
+        return DistrictChunk(last.district, last.shard, last.watermark,
+                             *(np.concatenate([getattr(p, name) for p in parts])
+                               for name in ("kind", "slot", "ts", "flow", "battery",
+                                            "pressure")))
+
+
+@dataclass(frozen=True, slots=True)
+class DistrictFeedback:
+    """A crew's feedback for the alerts of one district's pipeline."""
+
+    district: str
+    feedback: Feedback
+
+
+def split_by_district(item: ShardOutput, layout: DetectionLayout,
+                      ) -> list[tuple[str, DistrictChunk]]:
+    """A shard output as ``(district, chunk)`` items: its in-order measured readings by district.
+
+    Imputed and late points are left out (never scored). Districts without readings in the
+    output get an empty chunk when the shard's watermark crossed a minute (see module doc).
+    Readings of devices the registry does not know are left out (the TSDB and the lake still
+    have them).
+
+    >>> from dataflows.ordering import Point, Released
+    >>> layout = DetectionLayout.from_rows([("m1", "customer_meter", "d1", 900),
+    ...     ("m2", "customer_meter", "d2", 900)], partitions=1, shards_per_partition=1)
+    >>> out = ShardOutput(0, Released([Point("m1", 900_000, 0, {"flow_lpm": 1.0},
+    ...     Kind.MEASURED), Point("x9", 900_000, 0, {"flow_lpm": 1.0}, Kind.MEASURED)]),
+    ...     {}, 0, watermark=900_000, watermark_before=0)
+    >>> sorted((d, len(c), c.watermark) for d, c in split_by_district(out, layout))
+    [('d1', 1, 900000), ('d2', 0, 900000)]
+    """
+    groups: dict[str, list[tuple[int, int, int, Any]]] = {}
+    slot_of = layout.slot_of
+    for point in item.released.points:
+        if point.kind is not Kind.MEASURED:
+            continue
+        where = slot_of.get(point.device_id)
+        if where is None:
+            continue
+        district, slot, kind = where
+        group = groups.get(district)
+        if group is None:
+            group = groups[district] = []
+        group.append((kind, slot, point.ts_ms, point.metrics))
+    watermark = item.watermark
+    before = item.watermark_before
+    crossed = watermark is not None and (
+        before is None or watermark // WATERMARK_STEP_MS > before // WATERMARK_STEP_MS)
+    out: list[tuple[str, DistrictChunk]] = []
+    if crossed:
+        for district in layout.districts_of_shard.get(item.shard, ()):
+            if district not in groups:
+                out.append((district, _chunk(district, item.shard, watermark, [])))
+    for district, rows in groups.items():
+        out.append((district, _chunk(district, item.shard, watermark, rows)))
+    return out
+
+
+def _chunk(district: str, shard: int, watermark: int | None,
+           rows: list[tuple[int, int, int, Any]]) -> DistrictChunk:
+    nan = float("nan")
+    return DistrictChunk(
+        district, shard, watermark,
+        np.array([r[0] for r in rows], np.int8),
+        np.array([r[1] for r in rows], np.int64),
+        np.array([r[2] for r in rows], np.int64),
+        np.array([r[3].get("flow_lpm", nan) for r in rows], np.float64),
+        np.array([r[3].get("battery_v", nan) for r in rows], np.float64),
+        np.array([r[3].get("pressure_bar", nan) for r in rows], np.float64))
+
+
+class DistrictState:
+    """One district's pipeline, shard watermarks and waiting readings (see the module doc).
+
+    ``shards`` are the ordering shards that hold the district's devices. Picklable: the
+    flow snapshots it every epoch, and a restored copy continues identically.
+    """
+
+    def __init__(self, layout: FleetLayout, shards: frozenset[int],
+                 settings: PipelineSettings | None = None, scores: bool = False) -> None:
+        self.pipeline = WaterPipeline(layout, settings)
+        if scores:
+            self.pipeline.score_log = []
+        self.district = layout.district_ids[0]
+        self.shards = shards
+        self.shard_watermarks: dict[int, int] = {}
+        self.watermark: int | None = None
+        """Readings up to here were fed (and ticks up to it done)."""
+        self.next_tick: int | None = None
+        self.counts = dict.fromkeys(COUNTERS, 0)
+        self._waiting: list[DistrictChunk] = []
+        self._feedback = FeedbackApplier(self.pipeline)
+
+    @classmethod
+    def of(cls, layout: DetectionLayout, district: str,
+           settings: PipelineSettings | None = None, scores: bool = False) -> DistrictState:
+        """The state of ``district`` of a detection layout (``scores``: keep them)."""
+        return cls(layout.layouts[district], layout.shards_of[district], settings, scores)
+
+    def drain_scores(self) -> list[tuple[str, int, float]]:
+        """``(device, ts_ms, score)`` of every reading scored since the last call."""
+        log = self.pipeline.score_log
+        if not log:
+            return []
+        ids = self.pipeline.layout.device_ids
+        out = [(str(device), ts, score) for slots, stamps, values in log
+               for device, ts, score in zip(ids[slots].tolist(), stamps.tolist(),
+                                            values.tolist(), strict=True)]
+        log.clear()
+        return out
+
+    @property
+    def waiting(self) -> int:
+        """Readings waiting for the district's watermark."""
+        return self.counts["waiting"]
+
+    @property
+    def held_back(self) -> bool:
+        """Whether some shard is ahead of the district's watermark (a quiet one holds it)."""
+        marks = self.shard_watermarks
+        return bool(marks) and (self.watermark is None or max(marks.values()) > self.watermark)
+
+    def take(self, chunks: Iterable[DistrictChunk]) -> list[Alert]:
+        """Take shards' chunks; feed what the district's watermark passed; return the alerts."""
+        marks = self.shard_watermarks
+        fed_to = self.watermark
+        behind = False  # readings at or before the watermark: fed now
+        for chunk in chunks:
+            if chunk.watermark is not None and chunk.watermark > marks.get(chunk.shard, -1):
+                marks[chunk.shard] = chunk.watermark
+            if len(chunk):
+                self._waiting.append(chunk)
+                self.counts["waiting"] += len(chunk)
+                behind = behind or (fed_to is not None and int(chunk.ts.min()) <= fed_to)
+        target = fed_to
+        if self.shards.issubset(marks):
+            target = min(marks[s] for s in self.shards)
+        if target is None or (fed_to is not None and target <= fed_to and not behind):
+            return []  # nothing to feed: do not touch what waits
+        return self._feed(target)
+
+    def feedback(self, feedback: Feedback) -> list[Alert]:
+        """Apply a crew's feedback (:mod:`models.feedback`: idempotent by work order).
+
+        It acts on the pipeline as it stands (what the district's watermark reached) and
+        returns the alerts it clears.
+        """
+        applier = self._feedback
+        unknown = applier.unknown_alerts
+        # the policy's "cleared by feedback" message names no district: this is its district
+        alerts = [a if a.district is not None else a.model_copy(update={"district": self.district})
+                  for a in applier.apply(feedback)]
+        self.counts["feedback"] = len(applier.labels)
+        self.counts["feedback_unknown_alerts"] += applier.unknown_alerts - unknown
+        self.counts["alerts"] += len(alerts)
+        return alerts
+
+    @property
+    def labels(self) -> list[Any]:
+        """Every crew outcome applied (:class:`models.feedback.Label`)."""
+        return self._feedback.labels
+
+    def release_idle(self) -> list[Alert]:
+        """Stop waiting for quiet shards: move up to the newest shard watermark heard."""
+        if not self.held_back:
+            return []
+        self.counts["idle_releases"] += 1
+        return self._feed(max(self.shard_watermarks.values()))
+
+    def _feed(self, to_ms: int | None) -> list[Alert]:
+        if to_ms is None:
+            return []
+        if self.watermark is not None and to_ms < self.watermark:
+            to_ms = self.watermark
+        self.watermark = to_ms
+        if self.next_tick is not None:
+            skip = (to_ms - self.next_tick) // TICK_MS + 1 - MAX_CATCH_UP_TICKS
+            if skip > 0:
+                self.next_tick += skip * TICK_MS
+                self.counts["ticks_skipped"] += skip
+        if not self._waiting:
+            return self._ticks(to_ms)
+        waiting = DistrictChunk.concat(self._waiting)
+        ready = waiting.ts <= to_ms
+        rest = waiting.take(~ready)
+        self._waiting = [rest] if len(rest) else []
+        self.counts["waiting"] = len(rest)
+        now = waiting.take(ready)
+        order = np.argsort(now.ts, kind="stable")
+        now = now.take(order)
+        if self.next_tick is None and len(now):
+            self.next_tick = -(-int(now.ts[0]) // TICK_MS) * TICK_MS  # the boundary >= it
+        alerts: list[Alert] = []
+        start = 0
+        if self.next_tick is not None:
+            self.counts["behind"] += int(np.searchsorted(now.ts, self.next_tick - TICK_MS,
+                                                         side="right"))
+            while self.next_tick <= to_ms:
+                end = int(np.searchsorted(now.ts, self.next_tick, side="right"))
+                alerts += self._readings(now.take(np.arange(start, end)))
+                start = end
+                alerts += self._tick()
+        alerts += self._readings(now.take(np.arange(start, len(now))))
+        self.counts["alerts"] += len(alerts)
+        return alerts
+
+    def _ticks(self, to_ms: int) -> list[Alert]:
+        alerts: list[Alert] = []
+        while self.next_tick is not None and self.next_tick <= to_ms:
+            alerts += self._tick()
+        self.counts["alerts"] += len(alerts)
+        return alerts
+
+    def _tick(self) -> list[Alert]:
+        assert self.next_tick is not None
+        alerts = self.pipeline.tick(self.next_tick)
+        self.next_tick += TICK_MS
+        self.counts["ticks"] += 1
+        return alerts
+
+    def _readings(self, chunk: DistrictChunk) -> list[Alert]:
+        if not len(chunk):
+            return []
+        self.counts["fed"] += len(chunk)
+        alerts: list[Alert] = []
+        pipeline = self.pipeline
+        customers = chunk.kind == CUSTOMER
+        if customers.any():
+            alerts += pipeline.customer_readings(
+                chunk.slot[customers], chunk.ts[customers],
+                {"flow_lpm": chunk.flow[customers], "battery_v": chunk.battery[customers]})
+        inlets = chunk.kind == DISTRICT_METER
+        if inlets.any():
+            alerts += pipeline.inlet_readings(
+                chunk.slot[inlets], chunk.ts[inlets],
+                {"flow_lpm": chunk.flow[inlets], "pressure_bar": chunk.pressure[inlets]})
+        others = ~(customers | inlets)
+        if others.any():
+            pipeline.other_readings(chunk.slot[others], chunk.ts[others])
+        return alerts
