@@ -1,7 +1,7 @@
 # Meshwatch: `make demo` runs the platform on embedded defaults; `make test` runs the test suite.
 # Both set themselves up on a fresh Debian machine with Python 3.11+: a .venv, the project,
 # and (for tests) the real servers the tests start: mosquitto, VictoriaMetrics, InfluxDB 1.x,
-# PostgreSQL.
+# PostgreSQL, and Chromium with its driver for the browser test.
 
 PYTHON ?= python3
 VENV := .venv
