@@ -52,12 +52,8 @@ from bytewax.operators import StatefulBatchLogic
 from dataflows.connectors.alerts import AlertSink
 from dataflows.connectors.influx import InfluxSettings, InfluxSink
 from dataflows.connectors.lake import LakeSink
-from dataflows.connectors.mqtt import (
-    DeadLetterSink,
-    MeshMessage,
-    MeshSource,
-    MqttSourceSettings,
-)
+from dataflows.connectors.mqtt import MeshMessage, MeshSource, MqttSourceSettings
+from dataflows.connectors.publish import DeadLetterSink
 from dataflows.connectors.side_inputs import TopicSource, decode_scores, route_feedback
 from dataflows.detection import (
     DetectionLayout,

@@ -36,14 +36,12 @@ partition stops reading at ``receive_maximum``); the rest waits in the session. 
 blocked network thread sends no PINGREQ either: a broker may drop the connection after 1.5
 keep-alives, and the messages not acknowledged come again on the next one (skipped as above).
 
-**Dead letters.** :class:`DeadLetterSink` publishes :class:`~meshwatch.contract.DeadLetter`
-events at QoS1 to ``mw/v1/deadletter/{reason}`` and waits for each PUBACK, retrying until it
-comes (at-least-once: a replay after a crash may publish one again).
+Undecodable payloads become dead letters, published by
+:func:`dataflows.connectors.publish.DeadLetterSink`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import queue
@@ -56,18 +54,15 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.publisher import BrokerAddress, MqttProtocol, apply_address, paho_protocol
-from meshwatch.backoff import Backoff
-from meshwatch.contract import DeadLetter, encode, topics
+from meshwatch.contract import topics
 
-__all__ = ["DeadLetterSink", "MeshMessage", "MeshSource", "MqttSourceSettings", "SourceState",
-           "digest"]
+__all__ = ["MeshMessage", "MeshSource", "MqttSourceSettings", "SourceState", "digest"]
 
 log = logging.getLogger(__name__)
 
@@ -314,75 +309,4 @@ class MeshSource(FixedPartitionedSource[MeshMessage, SourceState]):
                    resume_state: SourceState | None) -> _MeshPartition:
         """Connect partition ``for_part``, resuming from its snapshot."""
         return _MeshPartition(self.settings, int(for_part), resume_state)
-
-
-class _DeadLetterPartition(StatelessSinkPartition[DeadLetter]):
-    def __init__(self, broker: BrokerAddress, client_id: str, timeout_s: float,
-                 protocol: MqttProtocol) -> None:
-        self.broker = broker
-        self.client_id = client_id
-        self.timeout_s = timeout_s
-        self.protocol = protocol
-        self._client: mqtt.Client | None = None
-        self._backoff = Backoff(initial_s=0.2, max_s=10.0)
-
-    def _connected(self) -> mqtt.Client:
-        while self._client is None:
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                 protocol=paho_protocol(self.protocol))
-            apply_address(client, self.broker)
-            try:
-                client.connect(self.broker.host, self.broker.port, keepalive=30)
-            except OSError as exc:
-                delay = self._backoff.next_delay()
-                log.warning("dead letters: cannot reach %s:%d (%s); retry in %.1fs",
-                            self.broker.host, self.broker.port, exc, delay)
-                time.sleep(delay)
-                continue
-            client.loop_start()
-            self._client = client
-        return self._client
-
-    def write_batch(self, items: list[DeadLetter]) -> None:
-        for item in items:
-            payload = encode(item)
-            topic = topics.dead_letter(item.reason)
-            while True:
-                client = self._connected()
-                info = client.publish(topic, payload, qos=1)
-                with contextlib.suppress(RuntimeError, ValueError):  # not sent / timed out
-                    info.wait_for_publish(self.timeout_s)
-                if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and info.is_published():
-                    self._backoff.reset()
-                    break
-                log.warning("dead letter to %s not confirmed (rc %s); reconnecting", topic,
-                            info.rc)
-                self._drop()
-                time.sleep(self._backoff.next_delay())
-
-    def _drop(self) -> None:
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
-
-    def close(self) -> None:
-        self._drop()
-
-
-class DeadLetterSink(DynamicSink[DeadLetter]):
-    """Publishes dead letters at QoS1 to ``mw/v1/deadletter/{reason}``, waiting for PUBACKs."""
-
-    def __init__(self, broker: BrokerAddress, client_id: str = "mw-flow",
-                 timeout_s: float = 10.0, protocol: MqttProtocol = "5") -> None:
-        self.broker = broker
-        self.client_id = client_id
-        self.timeout_s = timeout_s
-        self.protocol = protocol
-
-    def build(self, step_id: str, worker_index: int,
-              worker_count: int) -> _DeadLetterPartition:
-        """One publisher per worker."""
-        return _DeadLetterPartition(self.broker, f"{self.client_id}-dl-w{worker_index}",
-                                    self.timeout_s, self.protocol)
 
