@@ -61,18 +61,28 @@ class MissingBinaryError(ServerError):
     """The server's executable is not installed; the message names the Debian package."""
 
 
+_ISSUED_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now.
+    """Return a TCP port on 127.0.0.1 that is free right now and was not returned before.
 
     The port is released before returning, so another process could take it in between; the
     controllers notice this because their readiness check talks the server's own protocol.
+    The kernel may hand the same ephemeral port out twice in a row (two listeners of one
+    server then clash), so a port is never returned twice by this process.
 
-    >>> 1024 <= free_port() <= 65535
+    >>> a, b = free_port(), free_port()
+    >>> 1024 <= a <= 65535 and a != b
     True
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _ISSUED_PORTS:
+            _ISSUED_PORTS.add(port)
+            return port
 
 
 def _http(
