@@ -6,22 +6,36 @@ delay, and finishes after the repair (or the inspection) takes its time. Delays 
 log-normal distributions around realistic medians and divided by ``speed`` (a simulated fleet
 runs faster than real time).
 
-What the crew finds comes from the simulator's ground truth (``ground_truth.csv``): a work
-order whose device, or district, had a real incident around the incident's event time is
-resolved with the matching outcome (a leak is a ``confirmed_leak``, a burst a
-``confirmed_burst``, a stuck or drifting meter a ``meter_fault``); where nothing happened it
-is marked a ``false_alarm``.
+What the crew finds comes from the simulator's ground truth (``ground_truth.csv``): the
+work order's incident is matched (:func:`outcome_for`) to an episode of a compatible kind at
+the same place whose time overlaps the incident's, give or take :data:`SLACK_MS`:
+
+- a *district* incident (no device, or the district's inlet meter ``<district>-inlet``) of
+  kind ``burst`` or ``leak`` matches a district-wide episode (no device) in the same district:
+  ``burst`` a ``burst``, ``leak`` a ``network_leak``;
+- a *device* incident matches that device's episodes: ``leak`` a ``customer_leak``,
+  ``sensor_fault`` a meter fault (``stuck``, ``stopped``, ``spikes``, ``drift``,
+  ``battery_depletion``, ``clock_skew``), ``burst`` a ``burst``.
+
+A match is resolved with its outcome (a leak is a ``confirmed_leak``, a burst a
+``confirmed_burst``, a meter fault a ``meter_fault``); anything else (no episode, another
+kind, another place or time, kinds such as ``silent`` or ``anomaly``) is a ``false_alarm``.
 
 Run: ``python -m simulators.crews --api http://127.0.0.1:8080 --truth out/ground_truth.csv
 --crew crew-north=TOKEN [--crew ...] --speed 600``
 
 >>> truth = [TruthEpisode("mtr-7", "dma-01", "customer_leak", 1000, 9000),
-...          TruthEpisode(None, "dma-02", "burst", 1000, 2000)]
->>> outcome_for("mtr-7", "dma-01", 5000, 5000, truth)
+...          TruthEpisode(None, "dma-02", "burst", 1000, 2000),
+...          TruthEpisode(None, "dma-02", "network_leak", 1000, 9000)]
+>>> outcome_for("leak", "mtr-7", "dma-01", 5000, 5000, truth)
 'confirmed_leak'
->>> outcome_for(None, "dma-02", 1500, 1800, truth)
+>>> outcome_for("burst", None, "dma-02", 1500, 1800, truth)
 'confirmed_burst'
->>> outcome_for("mtr-8", "dma-01", 5000, 5000, truth)
+>>> outcome_for("leak", "dma-02-inlet", "dma-02", 5000, 5000, truth)
+'confirmed_leak'
+>>> outcome_for("leak", "mtr-8", "dma-01", 5000, 5000, truth)
+'false_alarm'
+>>> outcome_for("sensor_fault", "mtr-7", "dma-01", 5000, 5000, truth)
 'false_alarm'
 """
 
@@ -45,6 +59,20 @@ log = logging.getLogger(__name__)
 OUTCOMES = {"customer_leak": "confirmed_leak", "network_leak": "confirmed_leak",
             "burst": "confirmed_burst"}
 """Ground-truth kinds that are not here are meter faults (stuck, stopped, spikes...)."""
+METER_FAULTS = frozenset({"stuck", "stopped", "spikes", "drift", "battery_depletion",
+                          "clock_skew"})
+"""Ground-truth kinds a ``sensor_fault`` alert is about."""
+DEVICE_MATCHES: dict[str, frozenset[str]] = {
+    "leak": frozenset({"customer_leak"}),
+    "sensor_fault": METER_FAULTS,
+    "burst": frozenset({"burst"}),
+}
+"""Alert kind -> the ground-truth kinds it confirms on its own device."""
+DISTRICT_MATCHES: dict[str, frozenset[str]] = {
+    "leak": frozenset({"network_leak"}),
+    "burst": frozenset({"burst"}),
+}
+"""Alert kind -> the district-wide ground-truth kinds it confirms in its district."""
 SLACK_MS = 3_600_000
 """An episode counts if it overlaps the incident's event time give or take this much."""
 MEDIAN_S = {"acknowledged": 5 * 60.0, "in_progress": 30 * 60.0, "repair": 3 * 3600.0,
@@ -70,14 +98,47 @@ def load_truth(path: Path) -> list[TruthEpisode]:
                 for row in csv.DictReader(handle)]
 
 
-def outcome_for(device_id: str | None, district: str, first_ts_ms: int, last_ts_ms: int,
-                truth: list[TruthEpisode]) -> str:
-    """What a crew finds for a work order on ``device_id`` (None: the district)."""
+def inlet_id(district: str) -> str:
+    """The device id of ``district``'s inlet meter (see :mod:`simulators.fleet`).
+
+    >>> inlet_id("dma-01")
+    'dma-01-inlet'
+    """
+    return f"{district}-inlet"
+
+
+def is_district_wide(kind: str, device_id: str | None, district: str) -> bool:
+    """Whether an incident is about its whole district rather than one device.
+
+    No device, or a district kind (``leak``, ``burst``) seen at the district's inlet meter.
+
+    >>> [is_district_wide(kind, device, "dma-01") for kind, device in [
+    ...     ("leak", None), ("burst", "dma-01-inlet"), ("sensor_fault", "dma-01-inlet"),
+    ...     ("leak", "mtr-1")]]
+    [True, True, False, False]
+    """
+    return device_id is None or (device_id == inlet_id(district) and kind in DISTRICT_MATCHES)
+
+
+def outcome_for(kind: str, device_id: str | None, district: str, first_ts_ms: int,
+                last_ts_ms: int, truth: list[TruthEpisode], *, slack_ms: int = SLACK_MS,
+                ) -> str:
+    """What a crew finds for an incident of alert ``kind`` on ``device_id`` in ``district``.
+
+    The first episode of a compatible kind at the same place (the district's district-wide
+    episodes for a district-wide incident, :func:`is_district_wide`; else the device's)
+    overlapping ``[first_ts_ms - slack_ms, last_ts_ms + slack_ms]`` gives the outcome; none
+    is a ``false_alarm``.
+    """
+    district_wide = is_district_wide(kind, device_id, district)
+    wanted = (DISTRICT_MATCHES if district_wide else DEVICE_MATCHES).get(kind, frozenset())
     for episode in truth:
-        if episode.start_ms > last_ts_ms + SLACK_MS or episode.end_ms < first_ts_ms - SLACK_MS:
+        if episode.kind not in wanted:
             continue
-        same_place = (episode.device_id == device_id if device_id is not None
-                      else episode.device_id is None and episode.district == district)
+        if episode.start_ms > last_ts_ms + slack_ms or episode.end_ms < first_ts_ms - slack_ms:
+            continue
+        same_place = (episode.device_id is None and episode.district == district
+                      if district_wide else episode.device_id == device_id)
         if same_place:
             return OUTCOMES.get(episode.kind, "meter_fault")
     return "false_alarm"
@@ -158,8 +219,8 @@ class CrewSimulator:
         if state == "in_progress":
             detail = self._get(token, f"/api/v1/work-orders/{wo['work_order_id']}")
             incident = detail["incident"]
-            found = outcome_for(wo["device_id"], wo["district"], incident["first_ts_ms"],
-                                incident["last_ts_ms"], self.truth)
+            found = outcome_for(incident["kind"], wo["device_id"], wo["district"],
+                                incident["first_ts_ms"], incident["last_ts_ms"], self.truth)
             if found == "false_alarm":
                 return _Plan(now + delay_s("inspect", self.speed, self.rng), "false_alarm",
                              "false_alarm")

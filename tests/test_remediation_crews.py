@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from remediation_support import T0, TOKENS, alert, service_config
 from servers import Mosquitto, free_port
 
 from remediation.command import Service
 from remediation.store import Incoming
-from simulators.crews import CrewSimulator, TruthEpisode, load_truth
+from simulators.crews import SLACK_MS, CrewSimulator, TruthEpisode, load_truth, outcome_for
 
 
 def test_crews_confirm_real_leaks_and_dismiss_the_rest(tmp_path: Path,
@@ -47,3 +48,64 @@ def test_crews_confirm_real_leaks_and_dismiss_the_rest(tmp_path: Path,
         assert states == ["false_alarm", "resolved", "resolved", "resolved"]
     finally:
         service.stop()
+
+
+HOUR = 3_600_000
+TRUTH = [
+    TruthEpisode("mtr-1", "dma-01", "customer_leak", T0, T0 + 24 * HOUR),
+    TruthEpisode("mtr-3", "dma-01", "stuck", T0, T0 + 2 * HOUR),
+    TruthEpisode(None, "dma-02", "burst", T0, T0 + 4 * HOUR),
+    TruthEpisode(None, "dma-03", "network_leak", T0, T0 + 30 * 24 * HOUR),
+]
+"""Ground truth as the simulator writes it: district-wide episodes have no device."""
+
+
+@pytest.mark.parametrize("device_id", [None, "dma-02-inlet"])
+def test_a_district_burst_alert_is_confirmed(device_id: str | None) -> None:
+    assert outcome_for("burst", device_id, "dma-02", T0 + HOUR, T0 + 2 * HOUR,
+                       TRUTH) == "confirmed_burst"
+
+
+@pytest.mark.parametrize("device_id", [None, "dma-03-inlet"])
+def test_a_district_leak_alert_is_confirmed(device_id: str | None) -> None:
+    # a network leak is found by the night flow, a day or more after it started
+    assert outcome_for("leak", device_id, "dma-03", T0 + 30 * HOUR, T0 + 54 * HOUR,
+                       TRUTH) == "confirmed_leak"
+
+
+def test_device_alerts_match_their_devices_episodes_of_a_compatible_kind() -> None:
+    assert outcome_for("leak", "mtr-1", "dma-01", T0 + HOUR, T0 + HOUR, TRUTH) == \
+        "confirmed_leak"
+    assert outcome_for("sensor_fault", "mtr-3", "dma-01", T0 + HOUR, T0 + HOUR, TRUTH) == \
+        "meter_fault"
+
+
+def test_district_episodes_count_within_the_grace_period_around_the_alert() -> None:
+    end = T0 + 4 * HOUR  # the burst's end
+    assert outcome_for("burst", None, "dma-02", end + SLACK_MS, end + 2 * SLACK_MS,
+                       TRUTH) == "confirmed_burst"
+    assert outcome_for("burst", None, "dma-02", end + SLACK_MS + 1, end + 2 * SLACK_MS,
+                       TRUTH) == "false_alarm"
+    assert outcome_for("burst", None, "dma-02", T0 - 2 * SLACK_MS, T0 - SLACK_MS,
+                       TRUTH) == "confirmed_burst"
+    assert outcome_for("burst", None, "dma-02", T0 - 2 * SLACK_MS, T0 - SLACK_MS - 1,
+                       TRUTH) == "false_alarm"
+
+
+@pytest.mark.parametrize(("kind", "device_id", "district"), [
+    ("leak", "mtr-2", "dma-01"),           # a device with no episode
+    ("burst", None, "dma-01"),             # a district with no episode
+    ("burst", None, "dma-03"),             # a network leak is not a burst
+    ("leak", None, "dma-02"),              # nor is a burst a network leak
+    ("leak", "dma-01-inlet", "dma-01"),    # no network leak in dma-01
+    ("burst", "dma-03-inlet", "dma-03"),   # the burst was in dma-02
+    ("sensor_fault", "mtr-1", "dma-01"),   # a customer leak is not a meter fault
+    ("leak", "mtr-3", "dma-01"),           # nor is a stuck meter a leak
+    ("burst", "mtr-1", "dma-01"),          # a device burst needs that device's burst
+    ("sensor_fault", None, "dma-02"),      # a district has no meter faults
+    ("silent", "mtr-3", "dma-01"),         # kinds with no ground truth
+    ("anomaly", None, "dma-02"),
+])
+def test_an_alert_with_no_matching_episode_is_a_false_alarm(
+        kind: str, device_id: str | None, district: str) -> None:
+    assert outcome_for(kind, device_id, district, T0 + HOUR, T0 + HOUR, TRUTH) == "false_alarm"
