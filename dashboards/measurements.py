@@ -3,10 +3,11 @@
 Two kinds:
 
 - **written today** by the dataflow's InfluxDB sink (``dataflows/connectors/influx.py``):
-  ``mw_telemetry``, ``mw_silence``, ``mw_score``, ``mw_flow``, ``mw_alert``. Their names are
-  repeated here
+  ``mw_telemetry``, ``mw_silence``, ``mw_score``, ``mw_flow``, ``mw_alert``; and by
+  remediation (``remediation/influx.py``): ``mw_incident``, ``mw_kpi``, ``mw_work_orders``.
+  The dataflow's names are repeated here
   (``dashboards/`` imports no ``dataflows/``; a test checks that the names agree).
-- **defined here, not written yet**: incidents, remediation KPIs, bridge, edge and
+- **defined here, not written yet**: bridge, edge and
   dead-letter metrics, and the loss ledger. Today these live only in MQTT topics, the
   remediation database or Prometheus. Each :class:`Measurement` names the component that
   will write it; the dashboards are built and tested on these definitions (the tests write
@@ -133,7 +134,7 @@ INCIDENT = Measurement(
     "mw_incident", ("district", "kind", "event"),
     {"incident_id": "str", "work_order_id": "str", "priority": "int", "est_loss_lph": "float",
      "text": "str"},
-    "remediation (remediation/store.py, in the transaction that changes the incident)", False,
+    "remediation (remediation/store.py, in the transaction that changes the incident)", True,
     "Incident and work-order life-cycle events (event = opened, escalated, assigned, "
     "resolved, false_alarm, cancelled, reopened) at wall-clock time; ``text`` is the "
     "one-line summary shown as an annotation.")
@@ -141,12 +142,13 @@ KPI = Measurement(
     "mw_kpi", (),
     {"alerts": "int", "remediation_rate": "float", "false_alarm_rate": "float",
      "mtta_s": "float", "mttr_s": "float", "water_saved_m3": "float", "open_incidents": "int"},
-    "remediation (remediation/kpi.py's compute(), sampled periodically)", False,
+    "remediation (remediation/influx.py: remediation/kpi.py's compute(), sampled "
+    "periodically)", True,
     "The remediation KPIs that are Prometheus gauges mw_remediation_* today; a KPI that is "
     "not known yet (None) is left out of the line.")
 WORK_ORDERS = Measurement(
     "mw_work_orders", ("state",), {"count": "int"},
-    "remediation (remediation/kpi.py, with mw_kpi)", False,
+    "remediation (remediation/influx.py, with mw_kpi)", True,
     "Work orders by state now (Prometheus mw_remediation_work_orders today).")
 DISTRICT = Measurement(
     "mw_district", ("district",),

@@ -329,6 +329,7 @@ class RemediationConfig(_Section):
     webhook_retries: int = Field(5, ge=0, le=100)
     webhook_backoff_max_s: float = Field(60.0, gt=0)
     saved_horizon_h: float = Field(720.0, ge=0)
+    influx_kpi_s: float = Field(60.0, gt=0)
     crews: list[CrewConfig] = []
 
     @field_validator("client_id")

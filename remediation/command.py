@@ -7,6 +7,8 @@ criticality, coordinates) and ``[remediation]`` (see examples/meshwatch.toml). R
 - :class:`remediation.intake.AlertIntake`: the alert consumer (manual ack after commit);
 - :class:`remediation.notify.OutboxSender`: MQTT and webhook delivery of the outbox;
 - the SLA timer, every ``remediation.sla_check_s``;
+- :class:`remediation.influx.InfluxWriter` when ``[influxdb] url`` is set: ``mw_incident``
+  events from the outbox, ``mw_kpi`` and ``mw_work_orders`` every ``remediation.influx_kpi_s``;
 - the API and pages (uvicorn) on ``remediation.http_host:http_port``.
 
 SIGTERM and Ctrl-C stop the server, then the intake (what was committed is acknowledged; the
@@ -32,6 +34,7 @@ from meshwatch.registry import Registry, RegistryError, load_registry
 from remediation.api import Principal, Tokens, create_app
 from remediation.assign import Crew
 from remediation.db import make_engine, upgrade
+from remediation.influx import InfluxWriter
 from remediation.intake import AlertIntake
 from remediation.kpi import KpiCollector
 from remediation.notify import OutboxSender
@@ -79,7 +82,8 @@ class Service:
         self.store = Store(self.engine, Settings(
             window_ms=int(r.correlation_window_s * 1000), sla_ack_s=tuple(r.sla_ack_s),
             sla_resolve_s=tuple(r.sla_resolve_s), webhook=r.webhook_url is not None,
-            client_id=r.client_id), crews=crews, registry=registry)
+            client_id=r.client_id, influx=config.influxdb.url is not None), crews=crews,
+            registry=registry)
         principals = {t.get_secret_value(): Principal("operator") for t in r.operator_tokens}
         for crew in r.crews:
             if crew.token is not None:
@@ -94,6 +98,12 @@ class Service:
                                    webhook_url=r.webhook_url, webhook_retries=r.webhook_retries,
                                    webhook_backoff_max_s=r.webhook_backoff_max_s,
                                    protocol=config.mesh_broker.protocol)
+        influx = config.influxdb
+        self.influx = None if influx.url is None else InfluxWriter(
+            self.store, url=influx.url,
+            token=None if influx.token is None else influx.token.get_secret_value(),
+            org=influx.org, bucket=influx.bucket, kpi_interval_s=r.influx_kpi_s,
+            saved_horizon_h=r.saved_horizon_h, batch_size=influx.batch_size)
         self.app = create_app(self.store, Tokens(principals), saved_horizon_h=r.saved_horizon_h,
                               metrics=self.metrics, health=self.health)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=r.http_host,
@@ -110,6 +120,8 @@ class Service:
         """Start intake, outbox sender and SLA timer (not the HTTP server)."""
         self.intake.start()
         self.sender.start()
+        if self.influx is not None:
+            self.influx.start()
         self._sla.start()
 
     def stop_background(self) -> None:
@@ -117,6 +129,8 @@ class Service:
         self._stop.set()
         self.intake.stop()
         self.sender.stop()
+        if self.influx is not None:
+            self.influx.stop()
         self._sla.join(5)
 
     def start(self) -> Service:

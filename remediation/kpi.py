@@ -8,8 +8,8 @@
 - *water saved*: for each confirmed leak or burst, its estimated loss rate times the time it
   would have run undetected (``saved_horizon_h``) minus the time it took to resolve.
 
-The gauges are computed from the database at every scrape. Writing them to InfluxDB is not
-done yet.
+The gauges are computed from the database at every scrape; :mod:`remediation.influx` writes
+them to InfluxDB (``mw_kpi``, ``mw_work_orders``) periodically.
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ transaction that hits them is retried, and then finds the first one's rows.
 **Transactional outbox.** Notifications, feedback and dead letters are rows of ``outbox``
 written in the same transaction as the change that caused them, under a unique
 ``dedupe_key``; :mod:`remediation.notify` sends them and marks them sent. So a crash loses
-none of them, and a replay queues none twice.
+none of them, and a replay queues none twice. With ``influx`` on, incident and work-order
+life-cycle events (opened, escalated, assigned, resolved, false_alarm, cancelled, reopened) are
+queued the same way as ``mw_incident`` lines (channel ``influx``, sent by
+:mod:`remediation.influx`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import base64
 import hashlib
 import logging
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -126,6 +130,8 @@ class Settings:
     sla_resolve_s: tuple[float, ...] = (14400.0, 86400.0, 259200.0, 604800.0)
     webhook: bool = False
     client_id: str = "mw-remediation"
+    influx: bool = False
+    """Queue ``mw_incident`` lines (``[influxdb] url`` set)."""
 
 
 class NotFoundError(LookupError):
@@ -153,6 +159,8 @@ class Store:
         self.crews = list(crews)
         self.registry = registry or Registry([])
         self.clock = clock
+        self._point_lock = threading.Lock()
+        self._last_point_ms = 0
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -263,6 +271,38 @@ class Store:
             self._queue(session, f"webhook:{wo.work_order_id}:{event}:{cause}", "webhook",
                         None, payload, now, check=check)
 
+    def point_ms(self, now: int) -> int:
+        """A timestamp for an ``mw_incident`` point: ``now``, or 1 ms after the last one.
+
+        Points with equal tags and timestamp overwrite each other in InfluxDB; events of one
+        batch share ``now``, so each gets its own millisecond (unique within this process).
+        """
+        with self._point_lock:
+            self._last_point_ms = max(now, self._last_point_ms + 1)
+            return self._last_point_ms
+
+    def record(self, session: Session, wo: WorkOrderRow, incident: IncidentRow | None,
+               event: str, now: int, text: str) -> None:
+        """Queue an ``mw_incident`` line for InfluxDB (when on), in this transaction."""
+        if not self.settings.influx:
+            return
+        from remediation.influx import CHANNEL, incident_line  # influx imports this module
+
+        incident = incident or session.get(IncidentRow, wo.incident_id)
+        assert incident is not None
+        ts = self.point_ms(now)
+        summary = f"{event}: {incident.kind} {incident.severity} in {incident.district}"
+        if incident.device_id:
+            summary += f" at {incident.device_id}"
+        summary += f", priority {wo.priority}"
+        if wo.crew_id:
+            summary += f", crew {wo.crew_id}"
+        if text:
+            summary += f" — {text}"
+        line = incident_line(event, incident, wo, summary, ts)
+        self._queue(session, f"influx:{wo.work_order_id}:{event}:{ts}", CHANNEL, None,
+                    line.encode(), now, check=False)
+
     def _alert_ids(self, session: Session, incident_id: str) -> list[str]:
         return list(session.scalars(
             select(AlertRow.alert_id).where(AlertRow.incident_id == incident_id)
@@ -357,6 +397,11 @@ class Store:
                     TransitionRow).where(TransitionRow.work_order_id == wo.work_order_id)))
             self.notify(session, wo, "assigned", cause, actor, now, note=reason,
                         alert_ids=alert_ids, check=alert_ids is None)
+        happened = to if to in FINAL else "reopened" if frm in FINAL else \
+            "assigned" if event == "assigned" else None
+        if happened is not None:
+            self.record(session, wo, incident, happened, now,
+                        f"{reason or ''} (by {actor})".strip())
         if to in {"resolved", "false_alarm"}:
             wo.closures += 1
             self._feedback(session, wo, incident, now)
@@ -411,6 +456,7 @@ class Store:
                                           ts_ms=now, reason=f"SLA: {why}"))
                 self.notify(session, wo, "escalated", f"sla{level}", SYSTEM, now,
                             note=f"SLA: {why}")
+                self.record(session, wo, None, "escalated", now, f"SLA: {why}")
                 escalated += 1
             return escalated
 
@@ -639,6 +685,7 @@ class _Batch:
                                        ts_ms=now, reason=f"alert {row.alert_id}"))
         self.store.notify(self.session, wo, "created", row.alert_id, SYSTEM, now,
                           alert_ids=[row.alert_id], check=False)
+        self.store.record(self.session, wo, incident, "opened", now, f"alert {row.alert_id}")
         self.store.auto_assign(self.session, wo, self.workload, now, f"alert {row.alert_id}",
                                incident=incident, alert_ids=[row.alert_id])
         self.incidents[incident_id], self.orders[incident_id] = incident, wo
@@ -689,6 +736,7 @@ class _Batch:
                                            ts_ms=now, reason=why))
             self.store.notify(self.session, wo, "escalated", row.alert_id, SYSTEM, now,
                               note=why)
+            self.store.record(self.session, wo, incident, "escalated", now, why)
             result.escalated += 1
         self._remember(incident, wo)
 
