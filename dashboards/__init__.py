@@ -1,7 +1,7 @@
 """Grafana dashboards and provisioning as code (issue 8).
 
-- :mod:`dashboards.measurements`: every InfluxDB measurement the dashboards read, written
-  today or defined here for the components that will write it;
+What they read is the measurement contract, :mod:`meshwatch.contract.measurements`.
+
 - :mod:`dashboards.model`: builders of Grafana's dashboard JSON model;
 - :mod:`dashboards.influxql`: Grafana's query substitutions (``$timeFilter``, variables);
 - :mod:`dashboards.boards`: the six dashboards;

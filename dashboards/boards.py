@@ -1,6 +1,6 @@
 """The six Meshwatch dashboards, as code: fleet, district, device, alerts, KPIs, pipeline.
 
-Every query is InfluxQL on the measurements of :mod:`dashboards.measurements` (the ones the
+Every query is InfluxQL on the measurements of :mod:`meshwatch.contract.measurements` (the ones the
 dataflow writes today and the ones defined there for other components). Queries keep to
 plain InfluxQL meant for InfluxDB 1.x, 2.x (v1 compatibility API) and 3.x: raw ``SELECT``,
 selectors and aggregates, ``GROUP BY time()``, ``fill()``, subqueries, ``SHOW TAG VALUES``
@@ -17,7 +17,6 @@ the instances; a current total takes ``last`` per instance, then sums.
 
 from __future__ import annotations
 
-from dashboards import measurements as m
 from dashboards.model import (
     Json,
     annotation,
@@ -30,6 +29,7 @@ from dashboards.model import (
     timeseries,
     variable,
 )
+from meshwatch.contract import measurements as m
 
 __all__ = ["alerts", "all_dashboards", "device", "district", "fleet", "kpis", "pipeline"]
 

@@ -1,7 +1,7 @@
 """Remediation to InfluxDB: ``mw_incident`` events and ``mw_kpi`` / ``mw_work_orders`` snapshots.
 
-On when ``[influxdb] url`` is set. Lines are made by ``dashboards/measurements.py``
-(:meth:`~dashboards.measurements.Measurement.line`), so they are what the dashboards read.
+On when ``[influxdb] url`` is set. Lines are made by ``meshwatch/contract/measurements.py``
+(:meth:`~meshwatch.contract.measurements.Measurement.line`), so they are what the dashboards read.
 
 - **mw_incident** (``event`` = opened, escalated, assigned, resolved, false_alarm, cancelled,
   reopened): :class:`remediation.store.Store` queues the line as an ``influx`` row of the
@@ -39,8 +39,8 @@ from influxdb_client.client.write_api import SYNCHRONOUS
 from influxdb_client.rest import ApiException
 from urllib3.exceptions import HTTPError
 
-from dashboards.measurements import INCIDENT, KPI, WORK_ORDERS
 from meshwatch.backoff import Backoff
+from meshwatch.contract.measurements import INCIDENT, KPI, WORK_ORDERS
 from remediation.db import IncidentRow, WorkOrderRow
 from remediation.kpi import compute
 from remediation.store import Store

@@ -2,10 +2,10 @@
 
 The data is what the platform writes: readings go through the dataflow's own ordering
 (``ShardState``: de-duplication, gap filling, silence records) and become line protocol by
-the InfluxDB sink's ``lines_of``; measurements not written yet (alerts, incidents, KPIs,
-bridge/edge/dead-letter metrics, the ledger) come from ``dashboards.measurements``. The lines
-are loaded through influxd 1.6's v1 ``/write`` and each query is sent to ``/query`` after the
-substitutions Grafana makes (``$timeFilter``, ``$__interval``, variables).
+the InfluxDB sink's ``lines_of``; the other measurements (alerts, incidents, KPIs,
+bridge/edge/dead-letter metrics, the ledger) come from ``meshwatch.contract.measurements``.
+The lines are loaded through influxd 1.6's v1 ``/write`` and each query is sent to ``/query``
+after the substitutions Grafana makes (``$timeFilter``, ``$__interval``, variables).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from servers import InfluxDB1
 
-from dashboards import measurements as m
 from dashboards.boards import all_dashboards
 from dashboards.influxql import interpolate
 from dataflows.connectors import influx
 from dataflows.ordering import Kind, OrderSettings, ShardState
 from dataflows.records import DistrictOutput, ShardOutput
 from meshwatch.contract import Reading
+from meshwatch.contract import measurements as m
 
 MIN = 60_000
 NOW = int(time.time() * 1000) // MIN * MIN
@@ -86,7 +86,7 @@ ALERTS = [  # (minute, tags, loss, active)
 
 
 def future_lines() -> list[str]:
-    """The measurements defined in dashboards.measurements, as their writers will write them."""
+    """The measurements of meshwatch.contract.measurements, as their writers write them."""
     lines = []
     for i, (minute, tags, loss, active) in enumerate(ALERTS):
         ts = T0 + minute * MIN

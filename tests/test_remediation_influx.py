@@ -21,9 +21,9 @@ from servers import Mosquitto, VictoriaMetrics, free_port
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from dashboards.measurements import INCIDENT, KPI, WORK_ORDERS
 from meshwatch.config import InfluxConfig
 from meshwatch.contract import encode, topics
+from meshwatch.contract.measurements import INCIDENT, KPI, WORK_ORDERS
 from remediation.command import Service
 from remediation.db import AlertRow, IncidentRow, OutboxRow, WorkOrderRow
 from remediation.influx import CHANNEL, incident_line, kpi_lines
@@ -114,7 +114,7 @@ def test_incident_events_and_kpis(tmp_path: Path, mosquitto: Mosquitto,
         assert priority[("dma-01", "resolved")] == orders["dma-01"].priority
         assert priority[("dma-02", "false_alarm")] == orders["dma-02"].priority
         assert priority[("dma-01", "escalated")] <= priority[("dma-01", "opened")]
-        # every line is exactly what dashboards/measurements.py defines
+        # every line is exactly what meshwatch/contract/measurements.py defines
         resolved = next(line for line in lines if ",event=resolved," in line)
         ts = int(resolved.rsplit(" ", 1)[1])
         assert resolved == incident_line("resolved", incidents["dma-01"], orders["dma-01"],

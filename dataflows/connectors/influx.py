@@ -16,7 +16,7 @@ overwrites what it wrote before:
   <window_end_ms>``: edge models' scores (from ``mw/v1/mesh/scores/{n}``), beside ``mw_score``.
 - ``mw_alert,device=D,district=X,kind=K,severity=S,status=open|update|cleared
   alert_id="…",active=1i|0i,score=…,est_loss_lph=…,first_ts_ms=Ni,last_ts_ms=Ni <last_ts_ms>``:
-  every alert message of the detection stage (the schema of ``dashboards/measurements.py``:
+  every alert message of the detection stage (the schema of ``meshwatch/contract/measurements.py``:
   ``device`` absent for district alerts, ``est_loss_lph`` 0 when cleared or unknown).
 - ``mw_flow,shard=S <counter>=Ni,... <wall ms>``: a shard's cumulative counters (pipeline
   stats, wall-clock stamped: the newest sample is the current value).

@@ -1,12 +1,15 @@
-"""Every InfluxDB measurement the dashboards read: name, tags, fields, and who writes it.
+"""Every InfluxDB measurement of the platform: name, tags, fields, and who writes it.
+
+Part of the contract: writers (dataflow, remediation...) and readers (the dashboards) share
+it, as they share the event contract.
 
 Two kinds:
 
 - **written today** by the dataflow's InfluxDB sink (``dataflows/connectors/influx.py``):
   ``mw_telemetry``, ``mw_silence``, ``mw_score``, ``mw_flow``, ``mw_alert``; and by
   remediation (``remediation/influx.py``): ``mw_incident``, ``mw_kpi``, ``mw_work_orders``.
-  The dataflow's names are repeated here
-  (``dashboards/`` imports no ``dataflows/``; a test checks that the names agree).
+  The dataflow's names are repeated here (the contract imports no ``dataflows/``; a test
+  checks that the names agree).
 - **defined here, not written yet**: bridge, edge and
   dead-letter metrics, and the loss ledger. Today these live only in MQTT topics, the
   remediation database or Prometheus. Each :class:`Measurement` names the component that
