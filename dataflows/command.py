@@ -31,8 +31,6 @@ from pathlib import Path
 from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
-from rich.console import Console
-from rich.markup import escape
 
 from dataflows.connectors.influx import InfluxSettings
 from dataflows.connectors.mqtt import MqttSourceSettings
@@ -40,6 +38,7 @@ from dataflows.detection import DetectionLayout
 from dataflows.flow import Detection, FlowSettings, build_flow
 from dataflows.ordering import OrderSettings
 from edge_agent.publisher import BrokerAddress, TlsOptions, parse_broker_url
+from meshwatch.cli import refuse
 from meshwatch.config import BrokerConfig, Config, ConfigError, load_config
 from meshwatch.logs import configure_logging
 from meshwatch.registry import RegistryError, load_registry
@@ -68,7 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the dataflow until killed; returns the exit code."""
-    err = Console(stderr=True)
     try:
         config = load_config(args.config)
         configure_logging(config.log_level)
@@ -84,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(msg)
         addresses = args.addresses.split(";") if args.addresses else None
     except (ConfigError, RegistryError, ValueError) as exc:
-        err.print(f"[red]cannot start the flow:[/red] {escape(str(exc))}", highlight=False,
-                  soft_wrap=True)
-        return 2
+        return refuse("cannot start the flow", exc)
     recovery = None
     if recovery_dir is not None:
         recovery_dir.mkdir(parents=True, exist_ok=True)

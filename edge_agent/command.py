@@ -285,10 +285,9 @@ def _simulated_blocks(args: argparse.Namespace, settings: AgentSettings) -> Bloc
 
 def _refuse(what: str, exc: Exception) -> int:
     """Say why the agent cannot start; returns the exit code (2)."""
-    from rich.console import Console
+    from meshwatch.cli import refuse  # rich, only when there is something to say
 
-    Console(stderr=True).print(f"[red]{what}:[/red] {exc}", highlight=False)
-    return 2
+    return refuse(what, exc)
 
 
 def _on_signals(stop: threading.Event, agent: EdgeAgent) -> None:

@@ -28,12 +28,11 @@ from pathlib import Path
 from types import FrameType
 
 from prometheus_client import start_http_server
-from rich.console import Console
-from rich.markup import escape
 
 from edge_agent.publisher import BrokerAddress, TlsOptions, parse_broker_url
 from mesh_bridge.routing import RouterSpec
 from mesh_bridge.shell import Bridge, BridgeSettings, Job, Liveness, SiteBroker, Source
+from meshwatch.cli import refuse
 from meshwatch.config import BrokerConfig, Config, ConfigError, load_config
 from meshwatch.logs import configure_logging
 from meshwatch.registry import Registry, RegistryError, load_registry
@@ -48,7 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the bridge; returns the exit code."""
-    err = Console(stderr=True)
     try:
         config = load_config(args.config)
         configure_logging(config.log_level)
@@ -58,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
             msg = "bridge.opcua_site is set but there is no [[opcua]] server to read"
             raise ValueError(msg)
     except (ConfigError, RegistryError, ValueError) as exc:
-        err.print(f"[red]cannot start the bridge:[/red] {escape(str(exc))}", highlight=False,
-                  soft_wrap=True)
-        return 2
+        return refuse("cannot start the bridge", exc)
     b = config.bridge
     routing = RouterSpec(registry, partitions=config.mesh.partitions,
                          late_horizon_ms=int(b.late_horizon_s * 1000),

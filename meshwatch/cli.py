@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from rich.console import Console
+from rich.markup import escape
 
 from meshwatch import __version__
 
@@ -46,6 +47,19 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str]] = {
         "write production mosquitto config: accounts, ACLs, TLS, persistence, QoS1 limits",
     ),
 }
+
+
+def refuse(what: str, exc: BaseException) -> int:
+    """Say on stderr why a command cannot start (``what: reason``); returns its exit code, 2.
+
+    The reason is printed as text (no markup), so ``[[opcua]]`` and the like survive.
+
+    >>> refuse("cannot start the bridge", ValueError("set [bridge] client_id"))
+    2
+    """
+    Console(stderr=True).print(f"[red]{what}:[/red] {escape(str(exc))}", highlight=False,
+                               soft_wrap=True)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

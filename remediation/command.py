@@ -24,10 +24,9 @@ from pathlib import Path
 
 import uvicorn
 from prometheus_client import CollectorRegistry
-from rich.console import Console
-from rich.markup import escape
 
 from edge_agent.publisher import BrokerAddress, TlsOptions, parse_broker_url
+from meshwatch.cli import refuse
 from meshwatch.config import Config, ConfigError, load_config
 from meshwatch.logs import configure_logging
 from meshwatch.registry import Registry, RegistryError, load_registry
@@ -50,15 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the service until SIGTERM or Ctrl-C; returns the exit code."""
-    err = Console(stderr=True)
     try:
         config = load_config(args.config)
         configure_logging(config.log_level)
         service = Service(config)
     except (ConfigError, RegistryError, ValueError) as exc:
-        err.print(f"[red]cannot start remediation:[/red] {escape(str(exc))}", highlight=False,
-                  soft_wrap=True)
-        return 2
+        return refuse("cannot start remediation", exc)
     service.start_background()
     try:
         service.server.run()  # uvicorn handles SIGINT and SIGTERM
