@@ -125,6 +125,7 @@ class EdgeAgent:
             devices=devices or (), agent_version=__version__, protocol=settings.mqtt_protocol,
             tls=settings.tls,
         )
+        self.publisher.heartbeat_counters = self.stats  # readings, not only messages
         if scorer is not None:
             self.publisher.model_version = scorer.model.version
         self.readings_in = 0

@@ -63,7 +63,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -327,6 +327,8 @@ class OutboxPublisher:
         self.devices = list(devices)
         self.agent_version = agent_version
         self.model_version: str | None = None  # the edge model serving now, for status events
+        self.heartbeat_counters: Callable[[], Mapping[str, int | float]] = self.stats
+        """What heartbeats carry (the agent puts its own stats, these included, here)."""
         self.poll_s = poll_s
         self._address = BrokerAddress(
             address.host,
@@ -671,7 +673,7 @@ class OutboxPublisher:
     def _status(self, state: DeviceState, note: str | None) -> DeviceStatus:
         counters: dict[str, int] = {}
         if state is DeviceState.HEARTBEAT:
-            counters = {name: int(value) for name, value in self.stats().items()}
+            counters = {name: int(value) for name, value in self.heartbeat_counters().items()}
         return DeviceStatus(
             site=self.site,
             gateway_id=self.gateway_id,

@@ -10,7 +10,9 @@ manual acknowledgement), ``mesh_broker`` (published to at QoS1), ``mesh.partitio
 
 ``bridge.healthz_port`` serves ``GET /healthz``: 200 ``ok`` while a heartbeat or a forwarded
 message went through the cloud broker within ``bridge.healthy_within_s``, else 503.
-``bridge.metrics_port`` serves Prometheus metrics. SIGTERM and Ctrl-C stop consuming, wait up
+``bridge.metrics_port`` serves Prometheus metrics. With ``[influxdb] url`` set, the bridge
+writes its ledger and its gateways' heartbeat counters every ``bridge.stats_s`` seconds
+(:mod:`mesh_bridge.stats`). SIGTERM and Ctrl-C stop consuming, wait up
 to ``bridge.shutdown_timeout_s`` for the PUBACKs of what is held, acknowledge it and exit 0;
 an internal failure (a router process died) exits 1.
 """
@@ -32,10 +34,12 @@ from prometheus_client import start_http_server
 from edge_agent.publisher import BrokerAddress, TlsOptions, parse_broker_url
 from mesh_bridge.routing import RouterSpec
 from mesh_bridge.shell import Bridge, BridgeSettings, Job, Liveness, SiteBroker, Source
+from mesh_bridge.stats import StatsWriter
 from meshwatch.cli import refuse
 from meshwatch.config import BrokerConfig, Config, ConfigError, load_config
 from meshwatch.logs import configure_logging
 from meshwatch.registry import Registry, RegistryError, load_registry
+from meshwatch.tsdb import LineWriter
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if config.bridge.healthz_port:
         serve_healthz(bridge.liveness, config.bridge.healthz_port)
     bridge.start()
+    stats = _stats_writer(config, bridge)
     log.info("bridging %s to %s in %d partitions",
              ", ".join(source.name for source in bridge.sources),
              f"{settings.cloud.host}:{settings.cloud.port}", config.mesh.partitions)
@@ -79,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         log.error("%s; what was not acknowledged comes again at the next start", exc)
         return 1
+    finally:
+        if stats is not None:
+            stats.stop()
     log.info("stopped; %s", "everything held was acknowledged" if flushed else
              f"{bridge.in_flight} site messages stay unacknowledged and come again next start")
     return 0
@@ -101,6 +109,17 @@ def bridge_settings(config: Config) -> BridgeSettings:
         healthy_within_s=b.healthy_within_s,
         reconnect_max_s=b.reconnect_max_s,
     )
+
+
+def _stats_writer(config: Config, bridge: Bridge) -> StatsWriter | None:
+    """The pipeline statistics writer, when ``[influxdb] url`` is set."""
+    influx = config.influxdb
+    if influx.url is None:
+        return None
+    writer = LineWriter(influx.url, token=influx.token.get_secret_value() if influx.token
+                        else None, org=influx.org, bucket=influx.bucket, what="bridge stats")
+    return StatsWriter(bridge.stats, writer, config.bridge.stats_s,
+                       lambda: (bridge.in_flight, bridge.cloud.connected)).start()
 
 
 def _opcua_sources(

@@ -13,8 +13,9 @@
 - *Worker thread* (:meth:`Bridge._run`): sends jobs to the routers, publishes every output at
   QoS1, matches PUBACKs, acknowledges site messages and publishes the heartbeat. It blocks on
   the queue, so it wakes as soon as anything happens.
-- Any other thread may read :class:`Liveness` and :class:`Metrics` (``/healthz``,
-  ``/metrics``) and call :meth:`Bridge.stop`.
+- Any other thread may read :class:`Liveness`, :class:`Metrics` and
+  :class:`~mesh_bridge.stats.PipelineStats` (``/healthz``, ``/metrics``, the InfluxDB
+  statistics) and call :meth:`Bridge.stop`.
 
 **Ack rule.** A site message is acknowledged (paho manual ack, on the connection that received
 it) once every message it produced has a successful PUBACK from the cloud broker *and* every
@@ -73,8 +74,9 @@ from mesh_bridge.coalesce import MeshMessage
 from mesh_bridge.ledger import Counts
 from mesh_bridge.route import Incoming
 from mesh_bridge.routing import RouterFailed, RouterPool, RouterSpec, RoutingResult
+from mesh_bridge.stats import PipelineStats
 from meshwatch.backoff import Backoff
-from meshwatch.contract import topics
+from meshwatch.contract import DeviceStatus, decode, topics
 
 __all__ = ["Bridge", "BridgeSettings", "CloudLink", "Job", "Liveness", "Metrics", "SiteBroker",
            "SiteConsumer", "Source"]
@@ -489,6 +491,7 @@ class Bridge:
                  ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
+        self.stats = PipelineStats(settings.client_id)
         self.liveness = Liveness(settings.healthy_within_s)
         self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
         put = self._events.put
@@ -658,6 +661,9 @@ class Bridge:
             held.routed = True
             held.waiting += len(job.messages) + job.parts
             self.metrics.routed(job.counts, job.lag_ms)
+            self.stats.routed(job.counts, job.lag_ms)
+            if job.counts.status_applied:  # validated by the router: keep its counters
+                self.stats.gateway(decode(held.job.incoming.payload, DeviceStatus))
             for message in job.messages:
                 self._emit(MeshMessage(message.topic, message.payload, [held], 0))
         for mesh in result.mesh:

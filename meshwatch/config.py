@@ -280,6 +280,7 @@ class BridgeConfig(_Section):
     shutdown_timeout_s: float = Field(10.0, ge=0)
     healthz_port: int = Field(0, ge=0, le=65_535)
     metrics_port: int = Field(0, ge=0, le=65_535)
+    stats_s: float = Field(10.0, gt=0)
     opcua_site: str | None = None
     opcua_gateway_id: str | None = None
     opcua_store_path: Path = Path("bridge-opcua.db")

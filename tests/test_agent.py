@@ -52,17 +52,22 @@ def _first_arrivals(pairs: list[tuple[str, int]]) -> dict[str, list[int]]:
 
 
 def test_simulated_readings_all_arrive_in_the_order_given(tmp_path, mosquitto) -> None:
-    ledger = Ledger(mosquitto, "ledger-agent", topics.subscription("site_telemetry"))
+    ledger = Ledger(mosquitto, "ledger-agent", topics.subscription("site_telemetry"),
+                    topics.subscription("site_status"))
     blocks = _blocks_of_gateway(meters=400, days=0.5)  # with late and duplicate readings
     submitted = [(str(d), int(s)) for b in blocks for d, s in zip(b.device_ids, b.seq,
                                                                   strict=True)]
     expected = set(submitted)
     assert len(expected) > 5_000
-    with EdgeAgent(_settings(tmp_path, mosquitto)) as agent:
+    with EdgeAgent(_settings(tmp_path, mosquitto, heartbeat_s=0.2)) as agent:
         for block in blocks:
             assert agent.submit_block(block)
         ledger.wait_for(expected)
         stats = agent.stats()
+        # heartbeats carry the agent's reading counters, for the bridge's mw_edge and ledger
+        wait_until(lambda: any(status.counters.get("readings_in") == len(submitted)
+                               for status, _ in ledger.status_events(GATEWAY)),
+                   what="a heartbeat counting every reading in")
     assert _first_arrivals(ledger.arrivals) == _first_arrivals(submitted)
     assert stats["readings_in"] == len(submitted)
     ledger.close()

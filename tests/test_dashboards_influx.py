@@ -277,7 +277,8 @@ def test_pipeline_ledger_and_counters_are_right(influxdb: InfluxDB1, db: str) ->
 def test_dashboards_read_the_names_the_dataflow_writes() -> None:
     assert (m.TELEMETRY.name, m.SILENCE.name, m.SCORE.name, m.FLOW.name) == (
         influx.TELEMETRY, influx.SILENCE, influx.SCORE, influx.STATS)
-    line = influx.lines_of(ShardOutput(3, ShardState(OrderSettings()).process([], {}),
-                                       {"received": 5}, 1))[-1]
+    *_, line, ledger = influx.lines_of(ShardOutput(3, ShardState(OrderSettings()).process(
+        [], {}), {"received": 5}, 1))
     assert line == "mw_flow,shard=3 received=5i 1"
+    assert ledger.startswith("mw_ledger,hop=flow,instance=shard-3 received=5i,forwarded=0i,")
     assert set(m.FLOW.fields) == set(__import__("dataflows.ordering").ordering.COUNTERS)

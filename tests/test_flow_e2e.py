@@ -54,6 +54,12 @@ def test_the_flow_stores_every_reading_once_fills_gaps_and_dead_letters_garbage(
     assert not twice, f"points written more than once: {twice[:5]}"
     # the flow's own counters (snapshotted state) and its ledger
     assert counters(victoria_metrics) == want.counts
+    ledger = {field: sum(int(max(zip(s["timestamps"], s["values"], strict=True))[1])
+                         for s in victoria_metrics.export(f'mw_ledger_{field}{{hop="flow"}}'))
+              for field in ("received", "forwarded", "duplicates", "dropped")}
+    assert ledger == {"received": want.counts["received"], "dropped": 0,
+                      "duplicates": want.counts["duplicates"],
+                      "forwarded": want.counts["measured"] + want.counts["late"]}
     ids = Counter(lake_ids(lake))
     assert set(ids) == load.readings
     assert max(ids.values()) == 1

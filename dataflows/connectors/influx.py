@@ -20,6 +20,9 @@ overwrites what it wrote before:
   ``device`` absent for district alerts, ``est_loss_lph`` 0 when cleared or unknown).
 - ``mw_flow,shard=S <counter>=Ni,... <wall ms>``: a shard's cumulative counters (pipeline
   stats, wall-clock stamped: the newest sample is the current value).
+- ``mw_ledger,hop=flow,instance=shard-S received=Ni,forwarded=Ni,duplicates=Ni,
+  dead_letters=0i,dropped=0i <wall ms>``: the same counters as the loss ledger's flow hop
+  (``forwarded``: stored, in order or late; readings waiting for the watermark are in neither).
 - ``mw_detect,district=X <counter>=Ni,...,watermark_ms=Ni <wall ms>``: a district's detection
   counters (:data:`dataflows.detection.COUNTERS`), stamped the same way.
 
@@ -62,6 +65,7 @@ from dataflows.ordering import DeviceSilent, Kind, Point
 from dataflows.records import DistrictOutput, ShardOutput
 from meshwatch.backoff import Backoff
 from meshwatch.contract.events import Alert, AlertStatus, EdgeScore
+from meshwatch.contract.measurements import LEDGER
 
 __all__ = ["InfluxSettings", "InfluxSink", "line_of_alert", "line_of_point", "lines_of",
            "sink_part_name"]
@@ -146,8 +150,15 @@ def lines_of(item: ShardOutput | DistrictOutput | EdgeScore) -> list[str]:
         return lines
     lines = [line_of_point(p) for p in item.released.points]
     lines += [_line_of_silence(s) for s in item.released.silences]
-    counters = ",".join(f"{name}={value}i" for name, value in item.counts.items())
+    counts = item.counts
+    counters = ",".join(f"{name}={value}i" for name, value in counts.items())
     lines.append(f"{STATS},shard={item.shard} {counters} {item.stats_ms}")
+    lines.append(LEDGER.line(  # stored: in order or on the late path; the rest still waits
+        {"hop": "flow", "instance": f"shard-{item.shard}"},
+        {"received": counts.get("received", 0),
+         "forwarded": counts.get("measured", 0) + counts.get("late", 0),
+         "duplicates": counts.get("duplicates", 0), "dead_letters": 0, "dropped": 0},
+        item.stats_ms))
     return lines
 
 

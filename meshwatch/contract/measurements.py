@@ -6,15 +6,15 @@ it, as they share the event contract.
 Two kinds:
 
 - **written today** by the dataflow's InfluxDB sink (``dataflows/connectors/influx.py``):
-  ``mw_telemetry``, ``mw_silence``, ``mw_score``, ``mw_flow``, ``mw_alert``; and by
-  remediation (``remediation/influx.py``): ``mw_incident``, ``mw_kpi``, ``mw_work_orders``.
-  The dataflow's names are repeated here (the contract imports no ``dataflows/``; a test
-  checks that the names agree).
-- **defined here, not written yet**: bridge, edge and
-  dead-letter metrics, and the loss ledger. Today these live only in MQTT topics, the
-  remediation database or Prometheus. Each :class:`Measurement` names the component that
-  will write it; the dashboards are built and tested on these definitions (the tests write
-  lines made by :meth:`Measurement.line`), so the writer only has to emit these lines.
+  ``mw_telemetry``, ``mw_silence``, ``mw_score``, ``mw_flow``, ``mw_alert`` and the flow hop
+  of ``mw_ledger``; by remediation (``remediation/influx.py``): ``mw_incident``, ``mw_kpi``,
+  ``mw_work_orders``; by the bridge (``mesh_bridge/stats.py``): ``mw_bridge``,
+  ``mw_dead_letters``, the bridge and edge hops of ``mw_ledger`` and, from the gateways'
+  heartbeats, ``mw_edge``. The dataflow's names are repeated here (the contract imports no
+  ``dataflows/``; a test checks that the names agree).
+- **defined here, not written yet**: ``mw_district`` (district aggregates). The dashboards
+  are built and tested on these definitions (the tests write lines made by
+  :meth:`Measurement.line`), so a writer only has to emit these lines.
 
 Times are UTC epoch milliseconds (write with ``precision=ms``). Cumulative counters are
 integers stamped with wall-clock time (the newest sample is the current value), like
@@ -26,8 +26,8 @@ integers stamped with wall-clock time (the newest sample is the current value), 
 ...            1767225600000)
 'mw_alert,device=m1,district=d1,kind=leak,severity=major,status=open alert_id="a-1",active=1i,\
 score=0.97,est_loss_lph=120.0 1767225600000'
->>> sorted(m.name for m in ALL if not m.written)[:3]
-['mw_bridge', 'mw_dead_letters', 'mw_district']
+>>> sorted(m.name for m in ALL if not m.written)
+['mw_district']
 """
 
 from __future__ import annotations
@@ -132,7 +132,6 @@ ALERT = Measurement(
     "cleared; a cleared alert writes est_loss_lph=0, so the last value per (district, "
     "device, kind) is the loss still running. ``device`` is absent for district-wide alerts.")
 
-# -- defined here, not written yet ----------------------------------------------------------
 INCIDENT = Measurement(
     "mw_incident", ("district", "kind", "event"),
     {"incident_id": "str", "work_order_id": "str", "priority": "int", "est_loss_lph": "float",
@@ -153,6 +152,7 @@ WORK_ORDERS = Measurement(
     "mw_work_orders", ("state",), {"count": "int"},
     "remediation (remediation/influx.py, with mw_kpi)", True,
     "Work orders by state now (Prometheus mw_remediation_work_orders today).")
+# -- defined here, not written yet ----------------------------------------------------------
 DISTRICT = Measurement(
     "mw_district", ("district",),
     {"inlet_flow_lpm": "float", "customer_flow_lpm": "float", "balance_lpm": "float",
@@ -166,28 +166,34 @@ BRIDGE = Measurement(
     {"messages_in": "int", "readings_in": "int", "readings_forwarded": "int",
      "duplicates": "int", "late": "int", "in_flight": "int", "cloud_connected": "int",
      "lag_p95_s": "float"},
-    "mesh_bridge (mesh_bridge/shell.py Metrics; Prometheus meshwatch_bridge_* today)", False,
+    "mesh_bridge (mesh_bridge/stats.py, every bridge.stats_s; also Prometheus "
+    "meshwatch_bridge_*)", True,
     "The bridge's cumulative counters, its gauges and the 95th percentile of "
     "receive time - sent_ms over the last interval.")
 EDGE = Measurement(
-    "mw_edge", ("gateway",),
+    "mw_edge", ("site", "gateway"),
     {"queue_depth": "int", "queue_bytes": "int", "oldest_queued_age_s": "float",
      "in_flight": "int", "connected": "int", "readings_in": "int", "acked": "int",
      "readings_dropped": "int"},
-    "edge_agent (edge_agent/metrics.py stats; Prometheus meshwatch_edge_* today)", False,
-    "An edge agent's durable outbox and link, from its stats() (also sent in heartbeats).")
+    "mesh_bridge (mesh_bridge/stats.py), from each gateway's newest heartbeat", True,
+    "An edge agent's durable outbox and link, from the stats() counters of its heartbeats "
+    "(stamped with the heartbeat's sent_ms; also Prometheus meshwatch_edge_* at the edge).")
 DEAD_LETTERS = Measurement(
     "mw_dead_letters", ("component", "instance", "reason"), {"count": "int"},
-    "mesh_bridge, the dataflow's decode step and edge agents", False,
-    "Cumulative dead letters per component (bridge, flow, edge), instance and reason code "
-    "(meshwatch.contract ContractError.reason).")
+    "mesh_bridge (mesh_bridge/stats.py)", True,
+    "Cumulative dead letters the bridge published, per instance and reason code "
+    "(meshwatch.contract ContractError.reason), its own and those of the gateways it "
+    "forwards (component=bridge). The dataflow's rare decode failures (the bridge has "
+    "validated everything) are counted only on the dead-letter topic.")
 LEDGER = Measurement(
     "mw_ledger", ("hop", "instance"),
     {"received": "int", "forwarded": "int", "duplicates": "int", "dead_letters": "int",
      "dropped": "int"},
-    "every hop: edge_agent, mesh_bridge, the dataflow", False,
+    "mesh_bridge/stats.py (hops edge and bridge), the dataflow's sink (hop flow)", True,
     "The loss ledger of ARCHITECTURE.md: what each hop (edge, bridge, flow) received, "
-    "forwarded, de-duplicated, dead-lettered and dropped, by (device, seq), cumulative.")
+    "forwarded, de-duplicated, dead-lettered and dropped, in readings, cumulative. The edge "
+    "hop has received, dead_letters and dropped (its heartbeats count messages, not "
+    "readings, out); the flow's forwarded is what it stored (in order or late).")
 
 ALL: tuple[Measurement, ...] = (TELEMETRY, SILENCE, SCORE, FLOW, ALERT, INCIDENT, KPI,
                                 WORK_ORDERS, DISTRICT, BRIDGE, EDGE, DEAD_LETTERS, LEDGER)
