@@ -28,11 +28,12 @@ overwrites what it wrote before:
 
 VictoriaMetrics names them ``<measurement>_<field>`` (``mw_telemetry_flow_lpm``).
 
-**Writes** are synchronous, ``batch_size`` lines per request, with influxdb-client's own
-retries off. A request that fails for a reason that may pass (connection refused or reset,
-timeout, 5xx, 429, 401/403/404 while an operator fixes the token or bucket) is retried with
-capped back-off, forever: the bytewax worker waits in ``write_batch``, no epoch completes, no
-message is acknowledged to the broker, and the broker holds the rest. Nothing is dropped.
+**Writes** are synchronous, ``batch_size`` lines per request, through
+:class:`meshwatch.tsdb.LineWriter`. A request that fails for a reason that may pass
+(connection refused or reset, timeout, 5xx, 429, 401/403/404 while an operator fixes the
+token or bucket) is retried with capped back-off, forever: the bytewax worker waits in
+``write_batch``, no epoch completes, no message is acknowledged to the broker, and the broker
+holds the rest. Nothing is dropped.
 A request refused as malformed (400, 422) will never pass: it is logged with the server's
 answer and counted in ``rejected`` (it would be a bug in this module; points are built from
 validated readings).
@@ -50,27 +51,19 @@ score=0.97,est_loss_lph=0.0,first_ts_ms=1767225600000i,last_ts_ms=1767225660000i
 
 from __future__ import annotations
 
-import logging
-import time
 import zlib
 from dataclasses import dataclass
 
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
-from influxdb_client.client.influxdb_client import InfluxDBClient
-from influxdb_client.client.write_api import SYNCHRONOUS
-from influxdb_client.rest import ApiException
-from urllib3.exceptions import HTTPError
 
 from dataflows.ordering import DeviceSilent, Kind, Point
 from dataflows.records import DistrictOutput, ShardOutput
-from meshwatch.backoff import Backoff
 from meshwatch.contract.events import Alert, AlertStatus, EdgeScore
 from meshwatch.contract.measurements import LEDGER
+from meshwatch.tsdb import LineWriter
 
 __all__ = ["InfluxSettings", "InfluxSink", "line_of_alert", "line_of_point", "lines_of",
            "sink_part_name"]
-
-log = logging.getLogger(__name__)
 
 TELEMETRY = "mw_telemetry"
 SILENCE = "mw_silence"
@@ -79,7 +72,6 @@ SCORE = "mw_score"
 EDGE_SCORE = "mw_edge_score"
 ALERT = "mw_alert"
 DETECT = "mw_detect"
-_NEVER_PASSES = frozenset({400, 422})
 
 
 def sink_part_name(partition: int) -> str:
@@ -192,50 +184,26 @@ class _InfluxPartition(StatefulSinkPartition[ShardOutput | DistrictOutput | Edge
                  resume: InfluxSinkState | None) -> None:
         self.settings = settings
         self.name = name
-        self.state = resume or InfluxSinkState()
-        self._client = InfluxDBClient(url=settings.url, token=settings.token, org=settings.org,
-                                      timeout=int(settings.timeout_s * 1000), retries=0)
-        self._write = self._client.write_api(write_options=SYNCHRONOUS)
-        self._backoff = Backoff(initial_s=0.1, max_s=settings.retry_max_s)
+        self._writer = LineWriter(settings.url, token=settings.token, org=settings.org,
+                                  bucket=settings.bucket, timeout_s=settings.timeout_s,
+                                  retry_max_s=settings.retry_max_s, what="lines (the flow waits)")
+        if resume is not None:
+            w = self._writer
+            w.lines, w.requests, w.retries, w.rejected = (
+                resume.lines, resume.requests, resume.retries, resume.rejected)
 
     def write_batch(self, values: list[ShardOutput | DistrictOutput | EdgeScore]) -> None:
         lines = [line for item in values for line in lines_of(item)]
         size = self.settings.batch_size
         for start in range(0, len(lines), size):
-            self._write_chunk(lines[start:start + size])
-
-    def _write_chunk(self, chunk: list[str]) -> None:
-        body = "\n".join(chunk)  # one string: the client's per-record serialization is slow
-        while True:
-            try:
-                self._write.write(self.settings.bucket, self.settings.org, record=body,
-                                  write_precision="ms")  # type: ignore[arg-type]
-            except ApiException as exc:
-                if exc.status in _NEVER_PASSES:
-                    self.state.rejected += len(chunk)
-                    log.error("%s refused %d lines for good (%s): %s", self.settings.url,
-                              len(chunk), exc.status, (exc.body or "")[:500])
-                    return
-                reason = f"HTTP {exc.status} {exc.reason}"
-            except (HTTPError, OSError) as exc:  # refused, reset, timed out
-                reason = f"{type(exc).__name__}: {exc}"
-            else:
-                self._backoff.reset()
-                self.state.lines += len(chunk)
-                self.state.requests += 1
-                return
-            self.state.retries += 1
-            delay = self._backoff.next_delay()
-            log.warning("write of %d lines to %s failed (%s); retrying in %.2fs, the flow waits",
-                        len(chunk), self.settings.url, reason, delay)
-            time.sleep(delay)
+            self._writer.write(lines[start:start + size])  # refused lines: counted, logged
 
     def snapshot(self) -> InfluxSinkState:
-        s = self.state
-        return InfluxSinkState(s.lines, s.requests, s.retries, s.rejected)
+        w = self._writer
+        return InfluxSinkState(w.lines, w.requests, w.retries, w.rejected)
 
     def close(self) -> None:
-        self._client.close()  # type: ignore[no-untyped-call]
+        self._writer.close()
 
 
 class InfluxSink(FixedPartitionedSink[ShardOutput | DistrictOutput | EdgeScore,
