@@ -34,13 +34,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from influxdb_client.client.influxdb_client import InfluxDBClient
-from influxdb_client.client.write_api import SYNCHRONOUS
-from influxdb_client.rest import ApiException
-from urllib3.exceptions import HTTPError
-
-from meshwatch.backoff import Backoff
 from meshwatch.contract.measurements import INCIDENT, KPI, WORK_ORDERS
+from meshwatch.tsdb import LineWriter, Stopping
 from remediation.db import IncidentRow, WorkOrderRow
 from remediation.kpi import compute
 from remediation.store import Store
@@ -55,7 +50,6 @@ STATES = ("open", "assigned", "acknowledged", "in_progress", "resolved", "false_
           "cancelled")
 """Every work-order state: each snapshot writes all of them (0 where none), so a state that
 empties reads 0, not its last non-zero count."""
-_NEVER_PASSES = frozenset({400, 422})
 _KPI_FIELDS = ("alerts", "remediation_rate", "false_alarm_rate", "mtta_s", "mttr_s",
                "water_saved_m3", "open_incidents")
 
@@ -107,23 +101,23 @@ class InfluxWriter:
                  batch_size: int = 5000, poll_s: float = 0.1, timeout_s: float = 10.0,
                  retry_max_s: float = 30.0) -> None:
         self.store = store
-        self.org = org
-        self.bucket = bucket
         self.kpi_interval_s = kpi_interval_s
         self.saved_horizon_h = saved_horizon_h
         self.batch_size = batch_size
         self.poll_s = poll_s
-        self.retry_max_s = retry_max_s
         self.events = 0
         """``mw_incident`` lines written."""
         self.snapshots = 0
         """KPI snapshots written."""
-        self.retries = 0
-        self._client = InfluxDBClient(url=url, token=token or "", org=org,
-                                      timeout=int(timeout_s * 1000), retries=0)
-        self._write = self._client.write_api(write_options=SYNCHRONOUS)
+        self._writer = LineWriter(url, token=token, org=org, bucket=bucket, timeout_s=timeout_s,
+                                  retry_max_s=retry_max_s, what="remediation lines")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="influx", daemon=True)
+
+    @property
+    def retries(self) -> int:
+        """Writes retried so far."""
+        return self._writer.retries
 
     def start(self) -> InfluxWriter:
         """Start writing."""
@@ -134,7 +128,7 @@ class InfluxWriter:
         """Stop (unsent rows stay in the outbox for the next start)."""
         self._stop.set()
         self._thread.join(timeout_s)
-        self._client.close()  # type: ignore[no-untyped-call]
+        self._writer.close()
 
     def _loop(self) -> None:
         next_kpi = time.time()
@@ -145,7 +139,7 @@ class InfluxWriter:
                     self.write_kpis()
                 if not self.write_events():
                     self._stop.wait(self.poll_s)
-            except _Stopping:
+            except Stopping:
                 return
             except Exception:
                 log.exception("writing remediation points to InfluxDB failed; retrying")
@@ -177,30 +171,8 @@ class InfluxWriter:
     def _send(self, lines: list[str]) -> str | None:
         """Write ``lines``, retrying what may pass; the error if refused as malformed.
 
-        Raises :class:`_Stopping` when the writer stops before it could write.
+        Raises :class:`~meshwatch.tsdb.Stopping` when the writer stops before it could write.
         """
-        backoff = Backoff(initial_s=0.1, max_s=self.retry_max_s)
-        body = "\n".join(lines)
-        while True:
-            try:
-                self._write.write(self.bucket, self.org, record=body,
-                                  write_precision="ms")  # type: ignore[arg-type]
-                return None
-            except ApiException as exc:
-                if exc.status in _NEVER_PASSES:
-                    log.error("InfluxDB refused %d remediation lines (HTTP %s): %s",
-                              len(lines), exc.status, (exc.body or "")[:500])
-                    return f"HTTP {exc.status}"
-                reason = f"HTTP {exc.status} {exc.reason}"
-            except (HTTPError, OSError) as exc:  # refused, reset, timed out
-                reason = f"{type(exc).__name__}: {exc}"
-            delay = backoff.next_delay()
-            self.retries += 1
-            log.warning("InfluxDB write failed (%s); retrying in %.1f s", reason, delay)
-            if self._stop.wait(delay):
-                msg = "stopping"
-                raise _Stopping(msg)
+        return self._writer.write(lines, stop=self._stop)
 
 
-class _Stopping(Exception):
-    """Raised out of a retry loop when the writer stops."""
