@@ -35,6 +35,20 @@ started) or stops reporting, :meth:`DistrictState.release_idle` (called by the f
 district's watermark to the newest shard watermark it heard: the quiet shard no longer holds
 the district back, and what it sends later is fed behind the ticks.
 
+**Feedback in event time.** A crew's :class:`~meshwatch.contract.events.Feedback` acts at
+its own event time (``ts_ms``), not when it reaches the flow: it waits in the district
+(``feedback_waiting``) until the district's watermark reaches ``ts_ms`` and is then applied
+in order with the readings, after every reading stamped before ``ts_ms`` and before those
+stamped at or after it (and before the tick at ``ts_ms``). So the readings at and after the
+crew's report see what it taught the detectors, and a replay, a recovery or another number
+of workers raises the same alerts, whenever the feedback arrived. Feedback stamped at or
+before the watermark (the readings of its time were already fed) is applied at once, as a
+late reading is, and counted in ``feedback_behind``. Feedback stamped more than
+:data:`MAX_FEEDBACK_AHEAD_MS` after the watermark was stamped on another clock (a crew's wall
+clock over a simulated or replayed fleet): it is applied at the watermark, as if stamped
+then, and counted in ``feedback_ahead``. A work order seen before (waiting or applied) is
+ignored: redelivery changes nothing.
+
 >>> import numpy as np
 >>> layout = DetectionLayout.from_rows([
 ...     ("mtr-1", "customer_meter", "dma-01", 900), ("mtr-4", "customer_meter", "dma-01", 900),
@@ -56,10 +70,20 @@ the district back, and what it sends later is fed behind the ticks.
 []
 >>> state.counts["fed"], state.counts["waiting"], state.watermark == T0 + 900_000
 (1, 1, True)
+>>> feedback = Feedback(work_order_id="wo-1", alert_ids=["al-x"], outcome="false_alarm",
+...                     ts_ms=T0 + 3_600_000)
+>>> state.feedback(feedback), state.feedback(feedback), state.counts["feedback_waiting"]
+([], [], 1)
+>>> state.take([chunk(0, T0 + 3_600_000, "mtr-4", T0 + 3_600_000, 0.5),
+...             chunk(1, T0 + 3_600_000, "mtr-1", T0 + 3_600_000, 0.5)])  # applied at its time
+[]
+>>> state.counts["feedback_waiting"], state.counts["feedback_unknown_alerts"]
+(0, 1)
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +103,8 @@ from models.water.pipeline import (
     WaterPipeline,
 )
 
-__all__ = ["COUNTERS", "KIND_CODES", "MAX_CATCH_UP_TICKS", "TICK_MS", "WATERMARK_STEP_MS",
+__all__ = ["COUNTERS", "KIND_CODES", "MAX_CATCH_UP_TICKS", "MAX_FEEDBACK_AHEAD_MS", "TICK_MS",
+           "WATERMARK_STEP_MS",
            "DetectionLayout", "DistrictChunk", "DistrictFeedback", "DistrictState",
            "split_by_district"]
 
@@ -98,9 +123,14 @@ MAX_CATCH_UP_TICKS = 4 * 24 * 7
 """At most a week of ticks in one jump of the watermark (a clock far ahead, dragged in by an
 idle release): the boundaries before are skipped and counted in ``ticks_skipped``."""
 
+MAX_FEEDBACK_AHEAD_MS = 7 * 86_400_000
+"""Feedback stamped further ahead of a district's watermark is on another clock (module doc)."""
+
 COUNTERS = ("fed", "behind", "waiting", "ticks", "ticks_skipped", "alerts", "idle_releases",
-            "feedback", "feedback_unknown_alerts")
-"""A district's cumulative counters (:attr:`DistrictState.counts`; ``waiting`` is a gauge)."""
+            "feedback", "feedback_unknown_alerts", "feedback_waiting", "feedback_behind",
+            "feedback_ahead")
+"""A district's cumulative counters (:attr:`DistrictState.counts`; ``waiting`` and
+``feedback_waiting`` are gauges)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,6 +318,16 @@ class DistrictState:
         self.counts = dict.fromkeys(COUNTERS, 0)
         self._waiting: list[DistrictChunk] = []
         self._feedback = FeedbackApplier(self.pipeline)
+        self._feedback_waiting: list[Feedback] = []
+        """Feedback stamped after the watermark, by (event time, work order)."""
+        self._work_orders: set[str] = set()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a snapshot, also one taken before feedback waited for its event time."""
+        state.setdefault("_feedback_waiting", [])
+        state.setdefault("_work_orders", set())
+        state["counts"] = dict.fromkeys(COUNTERS, 0) | state["counts"]
+        self.__dict__.update(state)
 
     @classmethod
     def of(cls, layout: DetectionLayout, district: str,
@@ -338,11 +378,43 @@ class DistrictState:
         return self._feed(target)
 
     def feedback(self, feedback: Feedback) -> list[Alert]:
-        """Apply a crew's feedback (:mod:`models.feedback`: idempotent by work order).
+        """Take a crew's feedback; it acts at its event time (see the module doc).
 
-        It acts on the pipeline as it stands (what the district's watermark reached) and
-        returns the alerts it clears.
+        Returns the alerts it clears now: none while it waits for the district's watermark
+        (a later :meth:`take` or :meth:`release_idle` applies it and returns them). A work
+        order seen before changes nothing.
         """
+        if feedback.work_order_id in self._work_orders:
+            return []
+        self._work_orders.add(feedback.work_order_id)
+        watermark = self.watermark
+        if watermark is not None and feedback.ts_ms > watermark + MAX_FEEDBACK_AHEAD_MS:
+            feedback = self._restamped(feedback, watermark)
+        elif watermark is None or feedback.ts_ms > watermark:
+            self._wait(feedback)
+            return []
+        else:
+            self.counts["feedback_behind"] += 1
+        alerts = self._apply(feedback)
+        self.counts["alerts"] += len(alerts)
+        return alerts
+
+    @property
+    def feedback_waiting(self) -> list[Feedback]:
+        """Feedback waiting for the district's watermark, in the order it will be applied."""
+        return list(self._feedback_waiting)
+
+    def _wait(self, feedback: Feedback) -> None:
+        bisect.insort(self._feedback_waiting, feedback, key=lambda f: (f.ts_ms, f.work_order_id))
+        self.counts["feedback_waiting"] = len(self._feedback_waiting)
+
+    def _restamped(self, feedback: Feedback, ts_ms: int) -> Feedback:
+        """Feedback stamped on another clock (module doc), as if stamped ``ts_ms``."""
+        self.counts["feedback_ahead"] += 1
+        return feedback.model_copy(update={"ts_ms": ts_ms})
+
+    def _apply(self, feedback: Feedback) -> list[Alert]:
+        """Apply feedback to the pipeline as it stands (:mod:`models.feedback`)."""
         applier = self._feedback
         unknown = applier.unknown_alerts
         # the policy's "cleared by feedback" message names no district: this is its district
@@ -350,7 +422,6 @@ class DistrictState:
                   for a in applier.apply(feedback)]
         self.counts["feedback"] = len(applier.labels)
         self.counts["feedback_unknown_alerts"] += applier.unknown_alerts - unknown
-        self.counts["alerts"] += len(alerts)
         return alerts
 
     @property
@@ -376,31 +447,53 @@ class DistrictState:
             if skip > 0:
                 self.next_tick += skip * TICK_MS
                 self.counts["ticks_skipped"] += skip
-        if not self._waiting:
+        if not self._waiting and not self._feedback_waiting:
             return self._ticks(to_ms)
+        now = self._ready(to_ms)
+        if self.next_tick is None and len(now):
+            self.next_tick = -(-int(now.ts[0]) // TICK_MS) * TICK_MS  # the boundary >= it
+        if self.next_tick is not None:
+            self.counts["behind"] += int(np.searchsorted(now.ts, self.next_tick - TICK_MS,
+                                                         side="right"))
+        feedback = self._feedback_waiting
+        while feedback and feedback[-1].ts_ms > to_ms + MAX_FEEDBACK_AHEAD_MS:  # came first
+            self._wait(self._restamped(feedback.pop(), to_ms))
+        alerts: list[Alert] = []
+        start = 0
+        while True:  # ticks and feedback up to to_ms, in event time, readings in between
+            tick = self.next_tick
+            if tick is not None and tick > to_ms:
+                tick = None
+            due = feedback[0] if feedback and feedback[0].ts_ms <= to_ms else None
+            if due is not None and (tick is None or due.ts_ms <= tick):
+                # after the readings stamped before it, before those at or after it
+                end = int(np.searchsorted(now.ts, due.ts_ms, side="left"))
+                alerts += self._readings(now.take(np.arange(start, end)))
+                start = end
+                alerts += self._apply(feedback.pop(0))
+            elif tick is not None:
+                end = int(np.searchsorted(now.ts, tick, side="right"))
+                alerts += self._readings(now.take(np.arange(start, end)))
+                start = end
+                alerts += self._tick()
+            else:
+                break
+        self.counts["feedback_waiting"] = len(feedback)
+        alerts += self._readings(now.take(np.arange(start, len(now))))
+        self.counts["alerts"] += len(alerts)
+        return alerts
+
+    def _ready(self, to_ms: int) -> DistrictChunk:
+        """The waiting readings stamped up to ``to_ms``, in event-time order (the rest wait)."""
+        if not self._waiting:
+            return _chunk(self.district, -1, to_ms, [])
         waiting = DistrictChunk.concat(self._waiting)
         ready = waiting.ts <= to_ms
         rest = waiting.take(~ready)
         self._waiting = [rest] if len(rest) else []
         self.counts["waiting"] = len(rest)
         now = waiting.take(ready)
-        order = np.argsort(now.ts, kind="stable")
-        now = now.take(order)
-        if self.next_tick is None and len(now):
-            self.next_tick = -(-int(now.ts[0]) // TICK_MS) * TICK_MS  # the boundary >= it
-        alerts: list[Alert] = []
-        start = 0
-        if self.next_tick is not None:
-            self.counts["behind"] += int(np.searchsorted(now.ts, self.next_tick - TICK_MS,
-                                                         side="right"))
-            while self.next_tick <= to_ms:
-                end = int(np.searchsorted(now.ts, self.next_tick, side="right"))
-                alerts += self._readings(now.take(np.arange(start, end)))
-                start = end
-                alerts += self._tick()
-        alerts += self._readings(now.take(np.arange(start, len(now))))
-        self.counts["alerts"] += len(alerts)
-        return alerts
+        return now.take(np.argsort(now.ts, kind="stable"))
 
     def _ticks(self, to_ms: int) -> list[Alert]:
         alerts: list[Alert] = []

@@ -17,7 +17,8 @@ Steps (bytewax ``step_id`` in brackets)::
       +──> [influx] InfluxSink (mw_telemetry, mw_silence, mw_flow)
       +──> [lake] LakeSink (Parquet by date, measured readings)
 
-    [feedback] mw/v1/feedback/+ ──> [feedback_decode] by district ──> [detect] (FeedbackApplier)
+    [feedback] mw/v1/feedback/+ ──> [feedback_decode] by district ──> [detect] (FeedbackApplier,
+      at the feedback's event time: held until the district's watermark reaches its ts_ms)
     [edge_scores] mw/v1/mesh/scores/{n} ──> [scores_decode] ──> [influx] (mw_edge_score)
       (bad payloads of both ──> DeadLetterSink; dataflows.connectors.side_inputs)
 
@@ -81,7 +82,8 @@ class Detection:
     layout: DetectionLayout
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     feedback: bool = True
-    """Take crews' feedback from ``mw/v1/feedback/+`` (:mod:`dataflows.connectors.feedback`)."""
+    """Take crews' feedback from ``mw/v1/feedback/+`` (:mod:`dataflows.connectors.side_inputs`),
+    each applied at its event time (:mod:`dataflows.detection`)."""
     scores: bool = True
     """Write every scored reading's score (``mw_score``: one more line per reading)."""
 
@@ -225,10 +227,8 @@ class _DistrictLogic(StatefulBatchLogic[DistrictChunk | DistrictFeedback, Distri
         before = state.watermark
         alerts: list[Alert] = []
         chunks: list[DistrictChunk] = []
-        for value in values:  # in arrival order: feedback acts on what came before it
+        for value in values:  # feedback first: it waits for the readings of its event time
             if isinstance(value, DistrictFeedback):
-                alerts += state.take(chunks)
-                chunks = []
                 alerts += state.feedback(value.feedback)
             else:
                 chunks.append(value)

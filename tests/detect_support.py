@@ -38,10 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from meshwatch.contract import Alert
+from dataflows.detection import DetectionLayout
+from meshwatch.contract import Alert, Feedback
 from meshwatch.contract.topics import partition_of
 from meshwatch.contract.wire import telemetry_payloads
 from models.evaluate import EVALUATION_RATES, EvalSettings, simulate_and_detect
+from models.feedback import FeedbackApplier
+from models.water.pipeline import WaterPipeline
 from simulators import CommRates, FleetSimulator
 from simulators.output import write_registry
 
@@ -98,3 +101,102 @@ def write_fleet_registry(path: Path, settings: EvalSettings) -> Path:
     config = settings.sim_config()
     write_registry(path, FleetSimulator(config).fleet, config)
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundTheClockTown:
+    """One district whose round-the-clock businesses look like leaks, and a few homes.
+
+    Every customer meter reads every 15 minutes from :attr:`start_ms` (a Monday, 00:00 UTC).
+    A business (``biz-*``) draws water day and night and stops for one hour (02:00-03:00 UTC)
+    only every other night: after 24 hours without a ~0 reading the customer-leak detector
+    (rule "never ~0") alarms, the stop clears the alert six hours later, and the next day it
+    alarms again (folded into the same alert, status ``update``): a repeat false alarm every
+    two days, until a crew's ``false_alarm`` feedback teaches the detector. A home
+    (``home-*``) is idle at night and never alarms.
+
+    >>> town = RoundTheClockTown()
+    >>> town.devices[:2], town.flow_lpm("biz-1", 1), town.flow_lpm("biz-1", 9)
+    (('biz-1', 'biz-2'), 0.6, 0.0)
+    """
+
+    businesses: int = 5
+    homes: int = 3
+    start_ms: int = 1_767_571_200_000
+    district: str = "dma-01"
+    step_ms: int = 900_000
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Business then home meter ids."""
+        return (*(f"biz-{k}" for k in range(1, self.businesses + 1)),
+                *(f"home-{k}" for k in range(1, self.homes + 1)))
+
+    def ts_ms(self, step: int) -> int:
+        """The event time of reading number ``step`` (step 0 is :attr:`start_ms`)."""
+        return self.start_ms + step * self.step_ms
+
+    def step_at(self, hours: float) -> int:
+        """The step of the reading ``hours`` after :attr:`start_ms`."""
+        return round(hours * 3_600_000 / self.step_ms)
+
+    def flow_lpm(self, device: str, step: int) -> float:
+        """The interval's mean flow of ``device`` at ``step`` (L/min, 3 decimals)."""
+        hour = (self.ts_ms(step) % 86_400_000) / 3_600_000
+        day = (step * self.step_ms) // 86_400_000
+        k = int(device.split("-")[1])
+        if device.startswith("biz-"):
+            if day % 2 == 0 and 2 <= hour < 3:
+                return 0.0
+            busy = 1.0 + 0.1 * (step % 5) if 8 <= hour < 18 else 0.0
+            return round(0.3 + 0.1 * k + 0.2 * (step % 2) + busy, 3)
+        used = (7 <= hour < 9 or 18 <= hour < 21) and step % 3 == 0
+        return round(0.8 + 0.1 * k, 3) if used else 0.0
+
+    def registry_rows(self) -> list[tuple[str, str, str, float]]:
+        """``(device, kind, district, cadence_s)`` rows (:meth:`DetectionLayout.from_rows`)."""
+        return [(d, "customer_meter", self.district, self.step_ms / 1000) for d in self.devices]
+
+    def columns(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Device ids, event times and flows of steps ``first`` to ``last`` (time order)."""
+        steps = [s for s in range(first, last + 1) for _ in self.devices]
+        ids = np.array([d for _ in range(first, last + 1) for d in self.devices], dtype=object)
+        flows = np.array([self.flow_lpm(d, s) for d, s in zip(ids.tolist(), steps,
+                                                              strict=True)])
+        return ids, np.array([self.ts_ms(s) for s in steps], np.int64), flows
+
+    def mesh_load(self, first: int, last: int, partitions: int,
+                  per_message: int = 200) -> dict[int, list[bytes]]:
+        """Steps ``first`` to ``last`` as mesh telemetry payloads per partition, in time order
+        (``seq`` is the step)."""
+        ids, ts, flows = self.columns(first, last)
+        seq = (ts - self.start_ms) // self.step_ms
+        part = np.array([partition_of(str(d), partitions) for d in ids.tolist()])
+        out: dict[int, list[bytes]] = {}
+        for p in np.unique(part).tolist():
+            rows = part == p
+            out[p] = telemetry_payloads(
+                "s1", "gw-1", int(ts[-1]), ids[rows], ts[rows], seq[rows],
+                {"flow_lpm": flows[rows], "battery_v": np.full(int(rows.sum()), 3.6)},
+                per_message)
+        return out
+
+    def reference(self, last: int, feedback: Iterable[Feedback] = ()) -> list[Alert]:
+        """The alerts of one :class:`WaterPipeline` fed steps 1 to ``last`` in event time:
+        each step's readings, then ``tick`` at their time; each feedback applied before the
+        first reading stamped at or after its ``ts_ms`` (what the flow must raise)."""
+        layout = DetectionLayout.from_rows(self.registry_rows(), 1, 1)
+        pipeline = WaterPipeline(layout.layouts[self.district])
+        applier = FeedbackApplier(pipeline)
+        waiting = sorted(feedback, key=lambda f: (f.ts_ms, f.work_order_id))
+        slots = np.array([layout.slot_of[d][1] for d in self.devices])
+        alerts: list[Alert] = []
+        for step in range(1, last + 1):
+            _, ts, flows = self.columns(step, step)
+            while waiting and waiting[0].ts_ms <= ts[0]:
+                alerts += [a.model_copy(update={"district": self.district})
+                           for a in applier.apply(waiting.pop(0))]
+            alerts += pipeline.customer_readings(
+                slots, ts, {"flow_lpm": flows, "battery_v": np.full(len(ts), 3.6)})
+            alerts += pipeline.tick(int(ts[0]))
+        return alerts

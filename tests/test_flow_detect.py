@@ -5,6 +5,8 @@ partition, interleaved at random (as bytewax's workers may), their outputs are s
 district and fed to :class:`~dataflows.detection.DistrictState` in random chunks. The alerts
 must be those of ``meshwatch evaluate``'s pipeline on the same fleet whatever the
 interleaving, and a state restored from a pickle in the middle must continue identically.
+Crews' feedback acts at its event time, wherever it arrives among the readings (on
+:class:`~detect_support.RoundTheClockTown`, whose businesses raise repeat false alarms).
 ``tests/test_flow_alerts.py`` checks the same claim through the real flow.
 """
 
@@ -17,9 +19,10 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
-from detect_support import alert_keys, eval_settings, mesh_load, reference
+from detect_support import RoundTheClockTown, alert_keys, eval_settings, mesh_load, reference
 
 from dataflows.detection import (
+    COUNTERS,
     MAX_CATCH_UP_TICKS,
     DetectionLayout,
     DistrictChunk,
@@ -238,3 +241,125 @@ def test_with_reordering_comm_faults_the_incidents_agree_and_only_clear_times_di
         ours, evaluated = mine[key], theirs[key]
         assert ours.device_id in touched or abs(ours.last_ts_ms - evaluated.last_ts_ms) <= (
             900_000), (key, ours.device_id, ours.last_ts_ms, evaluated.last_ts_ms)
+
+
+def town_chunks(town: RoundTheClockTown, layout: DetectionLayout, last: int,
+                steps_per_chunk: int = 7) -> list[DistrictChunk]:
+    """The town's readings (steps 1 to ``last``) as its shards' chunks, shard after shard
+    for each run of ``steps_per_chunk`` steps, each chunk carrying its newest time as the
+    shard's watermark."""
+    ids, ts, flows = town.columns(1, last)
+    shard = np.array([shard_of(d, 1, 2) for d in ids.tolist()])
+    slot = np.array([layout.slot_of[d][1] for d in ids.tolist()])
+    assert set(shard.tolist()) == {0, 1}, "the town's devices lie in both shards"
+    chunks = []
+    for first in range(1, last + 1, steps_per_chunk):
+        run = (ts >= town.ts_ms(first)) & (ts < town.ts_ms(first + steps_per_chunk))
+        for s in (0, 1):
+            rows = run & (shard == s)
+            chunks.append(DistrictChunk(town.district, s, int(ts[rows].max()),
+                                        np.zeros(int(rows.sum()), np.int8), slot[rows],
+                                        ts[rows], flows[rows], np.full(int(rows.sum()), 3.6),
+                                        np.full(int(rows.sum()), np.nan)))
+    return chunks
+
+
+def town_feedback(town: RoundTheClockTown, last: int, at_ms: int) -> list[Feedback]:
+    """False alarms on the alerts of biz-1 and biz-2, stamped ``at_ms``."""
+    ids = {a.device_id: a.alert_id for a in town.reference(last)}
+    return [Feedback(work_order_id=f"wo-{d}", alert_ids=[ids[d]], outcome=Outcome.FALSE_ALARM,
+                     ts_ms=at_ms, device_id=d) for d in ("biz-1", "biz-2")]
+
+
+@pytest.mark.parametrize("arrival", ["first", "midway", "just_before", "split_snapshot"])
+def test_feedback_acts_at_its_event_time_whenever_it_arrives_before_it(arrival) -> None:
+    """Feedback stamped ``F`` applies after the readings before ``F`` and before those at or
+    after it, however early it came and through a snapshot: the alerts are those of one
+    pipeline fed in event time with the feedback applied at ``F``."""
+    town = RoundTheClockTown()
+    last = town.step_at(6 * 24)
+    layout = DetectionLayout.from_rows(town.registry_rows(), 1, 2)
+    reported_ms = town.ts_ms(town.step_at(100))  # the alert's second raise is open
+    feedback = town_feedback(town, last, reported_ms)
+    want = town.reference(last, feedback)
+    assert alert_keys(want) != alert_keys(town.reference(last))  # the feedback matters
+    chunks = town_chunks(town, layout, last)
+    passes = next(i for i, c in enumerate(chunks) if c.watermark >= reported_ms
+                  and chunks[i - 1].watermark >= reported_ms)  # both shards passed it
+    at = {"first": 0, "midway": passes // 2, "just_before": passes - 1,
+          "split_snapshot": passes // 2}[arrival]
+    state = DistrictState.of(layout, town.district)
+    alerts: list[Alert] = []
+    for i, chunk in enumerate(chunks):
+        if i == at:
+            assert [a for message in feedback for a in state.feedback(message)] == []
+            assert state.counts["feedback_waiting"] == 2
+            assert state.feedback(feedback[0]) == []  # a redelivery: ignored
+            assert [f.work_order_id for f in state.feedback_waiting] == ["wo-biz-1", "wo-biz-2"]
+            if arrival == "split_snapshot":
+                state = pickle.loads(pickle.dumps(state))
+        alerts += state.take([chunk])
+    assert alert_keys(alerts) == alert_keys(want)
+    assert (state.counts["feedback"], state.counts["feedback_waiting"],
+            state.counts["feedback_behind"]) == (2, 0, 0)
+
+
+def test_feedback_behind_the_watermark_applies_at_once() -> None:
+    """Feedback stamped before the readings already fed cannot go back in time: it acts when
+    it comes (as a late reading does), is counted, and only once."""
+    town = RoundTheClockTown()
+    last = town.step_at(6 * 24)
+    layout = DetectionLayout.from_rows(town.registry_rows(), 1, 2)
+    state = DistrictState.of(layout, town.district)
+    for chunk in town_chunks(town, layout, town.step_at(102)):  # the alert is open
+        state.take([chunk])
+    assert state.watermark is not None
+    assert state.watermark > town.ts_ms(town.step_at(100))
+    feedback = town_feedback(town, last, town.ts_ms(town.step_at(100)))
+    cleared = [a for message in feedback for a in state.feedback(message)]
+    assert [(a.device_id, a.status, a.last_ts_ms, a.district) for a in cleared] == [
+        (f.device_id, AlertStatus.CLEARED, f.ts_ms, town.district) for f in feedback]
+    assert state.feedback(feedback[0]) == []
+    assert (state.counts["feedback"], state.counts["feedback_waiting"],
+            state.counts["feedback_behind"]) == (2, 0, 2)
+
+
+def test_feedback_stamped_on_another_clock_applies_at_the_watermark() -> None:
+    """A crew's wall clock over a simulated fleet: feedback stamped long after the district's
+    event time would wait for ever; it acts at the watermark, as if stamped then."""
+    town = RoundTheClockTown()
+    layout = DetectionLayout.from_rows(town.registry_rows(), 1, 2)
+    chunks = town_chunks(town, layout, town.step_at(102))  # the alert is open
+    feedback = town_feedback(town, town.step_at(6 * 24),
+                             town.ts_ms(town.step_at(102)) + 300 * 86_400_000)
+    state = DistrictState.of(layout, town.district)
+    for chunk in chunks:
+        state.take([chunk])
+    cleared = [a for message in feedback for a in state.feedback(message)]
+    assert [(a.device_id, a.status, a.last_ts_ms) for a in cleared] == [
+        (f.device_id, AlertStatus.CLEARED, state.watermark) for f in feedback]
+    assert (state.counts["feedback_ahead"], state.counts["feedback_behind"]) == (2, 0)
+    early = DistrictState.of(layout, town.district)  # it came before any reading: it waits
+    assert early.feedback(feedback[0]) == []
+    early.take(chunks[:2])  # the first watermark: it cannot be that far ahead
+    assert (early.counts["feedback_waiting"], early.counts["feedback_ahead"],
+            early.counts["feedback_unknown_alerts"]) == (0, 1, 1)
+
+
+def test_a_snapshot_from_before_event_time_feedback_restores() -> None:
+    """A recovery directory written by the previous version (no waiting feedback in its
+    district states) still restores: the flow can be upgraded in place."""
+    town = RoundTheClockTown()
+    layout = DetectionLayout.from_rows(town.registry_rows(), 1, 2)
+    chunks = town_chunks(town, layout, town.step_at(102))
+    state = DistrictState.of(layout, town.district)
+    for chunk in chunks[:-2]:
+        state.take([chunk])
+    for name in ("_feedback_waiting", "_work_orders"):  # as the previous version pickled it
+        delattr(state, name)
+    state.counts = {k: v for k, v in state.counts.items() if not k.startswith("feedback_")}
+    restored = pickle.loads(pickle.dumps(state))
+    feedback = town_feedback(town, town.step_at(6 * 24), town.ts_ms(town.step_at(102)))
+    assert restored.feedback(feedback[0]) == []  # it waits for its time
+    assert len(restored.take(chunks[-2:])) == 1  # and clears the alert then
+    assert set(restored.counts) == set(COUNTERS)

@@ -8,7 +8,8 @@ other topics: partition ``n`` subscribes to ``template.format(partition=n)`` as 
 - **feedback**: one partition on ``mw/v1/feedback/+`` (client ``{flow.client_id}-fb``).
   :func:`route_feedback` keys each :class:`~meshwatch.contract.Feedback` by the district
   whose pipeline raised the alerts: the district of its device if the registry knows it,
-  else its own ``district``, else the topic's. A payload that is not a valid ``Feedback``,
+  else its own ``district``, else the topic's; the district's detection step applies it at
+  its event time (:mod:`dataflows.detection`). A payload that is not a valid ``Feedback``,
   or for a district the flow does not detect in, becomes a dead letter.
 - **edge scores**: one partition per mesh partition on ``mw/v1/mesh/scores/{n}`` (client
   ``{flow.client_id}-sc``; the bridge puts a device's scores in the partition of its
