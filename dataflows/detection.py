@@ -90,6 +90,7 @@ from typing import Any
 
 import numpy as np
 
+from dataflows.district_balance import BalanceRow, DistrictBalance
 from dataflows.ordering import Kind, shard_of
 from dataflows.records import ShardOutput
 from meshwatch.contract.events import Alert, Feedback
@@ -321,11 +322,15 @@ class DistrictState:
         self._feedback_waiting: list[Feedback] = []
         """Feedback stamped after the watermark, by (event time, work order)."""
         self._work_orders: set[str] = set()
+        self.balance = DistrictBalance(len(layout.device_ids))
+        self._balance_rows: list[BalanceRow] = []
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a snapshot, also one taken before feedback waited for its event time."""
         state.setdefault("_feedback_waiting", [])
         state.setdefault("_work_orders", set())
+        state.setdefault("balance", DistrictBalance(len(state["pipeline"].layout.device_ids)))
+        state.setdefault("_balance_rows", [])
         state["counts"] = dict.fromkeys(COUNTERS, 0) | state["counts"]
         self.__dict__.update(state)
 
@@ -346,6 +351,11 @@ class DistrictState:
                                             values.tolist(), strict=True)]
         log.clear()
         return out
+
+    def drain_balance(self) -> list[BalanceRow]:
+        """The district's water balance rows closed since the last call (``mw_district``)."""
+        rows, self._balance_rows = self._balance_rows, []
+        return rows
 
     @property
     def waiting(self) -> int:
@@ -505,6 +515,9 @@ class DistrictState:
     def _tick(self) -> list[Alert]:
         assert self.next_tick is not None
         alerts = self.pipeline.tick(self.next_tick)
+        row = self.balance.close(self.next_tick)
+        if row is not None:
+            self._balance_rows.append(row)
         self.next_tick += TICK_MS
         self.counts["ticks"] += 1
         return alerts
@@ -513,6 +526,7 @@ class DistrictState:
         if not len(chunk):
             return []
         self.counts["fed"] += len(chunk)
+        self.balance.add(chunk.kind, chunk.slot, chunk.flow, chunk.pressure)
         alerts: list[Alert] = []
         pipeline = self.pipeline
         customers = chunk.kind == CUSTOMER

@@ -216,7 +216,7 @@ class _DistrictLogic(StatefulBatchLogic[DistrictChunk | DistrictFeedback, Distri
         self.stats_ms = max(self.stats_ms + 1, int(time.time() * 1000))
         return [DistrictOutput(self.state.district, alerts, dict(self.state.counts),
                                self.stats_ms, self.state.watermark,
-                               self.state.drain_scores())]
+                               self.state.drain_scores(), self.state.drain_balance())]
 
     def on_batch(self, values: list[DistrictChunk | DistrictFeedback],
                  ) -> tuple[list[DistrictOutput], bool]:

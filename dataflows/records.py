@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dataflows.district_balance import BalanceRow
 from dataflows.ordering import Released
 from meshwatch.contract.events import Alert
 
@@ -34,6 +35,7 @@ class DistrictOutput:
 
     ``alerts`` are contract alerts in the order the district's pipeline raised them;
     ``scores`` the ``(device, ts_ms, score)`` of the readings scored (when kept);
+    ``balance`` the district's water balance rows closed (:mod:`dataflows.district_balance`);
     ``counts`` are :data:`dataflows.detection.COUNTERS`, stamped with wall-clock ``stats_ms``
     (strictly increasing per district) like a shard's.
     """
@@ -44,3 +46,4 @@ class DistrictOutput:
     stats_ms: int
     watermark: int | None = None
     scores: list[tuple[str, int, float]] = field(default_factory=list)
+    balance: list[BalanceRow] = field(default_factory=list)

@@ -25,6 +25,9 @@ overwrites what it wrote before:
   (``forwarded``: stored, in order or late; readings waiting for the watermark are in neither).
 - ``mw_detect,district=X <counter>=Ni,...,watermark_ms=Ni <wall ms>``: a district's detection
   counters (:data:`dataflows.detection.COUNTERS`), stamped the same way.
+- ``mw_district,district=X inlet_flow_lpm=…,customer_flow_lpm=…,balance_lpm=…,pressure_bar=…,
+  meters_reporting=Ni <interval start ms>``: the district's water balance per 15 minutes of
+  event time (:mod:`dataflows.district_balance`; a value nobody reported is left out).
 
 VictoriaMetrics names them ``<measurement>_<field>`` (``mw_telemetry_flow_lpm``).
 
@@ -56,10 +59,11 @@ from dataclasses import dataclass
 
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
+from dataflows.district_balance import BalanceRow
 from dataflows.ordering import DeviceSilent, Kind, Point
 from dataflows.records import DistrictOutput, ShardOutput
 from meshwatch.contract.events import Alert, AlertStatus, EdgeScore
-from meshwatch.contract.measurements import LEDGER
+from meshwatch.contract.measurements import DISTRICT, LEDGER
 from meshwatch.tsdb import LineWriter
 
 __all__ = ["InfluxSettings", "InfluxSink", "line_of_alert", "line_of_point", "lines_of",
@@ -93,6 +97,12 @@ def line_of_point(point: Point) -> str:
 def _line_of_silence(s: DeviceSilent) -> str:
     return (f"{SILENCE},device={s.device_id} missed={s.missed}i,last_seen_ms={s.last_seen_ms}i,"
             f"resumed={0 if s.resumed_ms is None else 1}i {s.ts_ms}")
+
+
+def _line_of_balance(district: str, row: BalanceRow) -> str:
+    fields = {name: getattr(row, name) for name in DISTRICT.fields}
+    return DISTRICT.line({"district": district},
+                         {k: v for k, v in fields.items() if v is not None}, row.start_ms)
 
 
 def line_of_alert(alert: Alert) -> str:
@@ -139,6 +149,7 @@ def lines_of(item: ShardOutput | DistrictOutput | EdgeScore) -> list[str]:
         if item.watermark is not None:
             counters += f",watermark_ms={item.watermark}i"
         lines.append(f"{DETECT},district={item.district} {counters} {item.stats_ms}")
+        lines += [_line_of_balance(item.district, row) for row in item.balance]
         return lines
     lines = [line_of_point(p) for p in item.released.points]
     lines += [_line_of_silence(s) for s in item.released.silences]

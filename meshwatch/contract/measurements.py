@@ -3,18 +3,19 @@
 Part of the contract: writers (dataflow, remediation...) and readers (the dashboards) share
 it, as they share the event contract.
 
-Two kinds:
+Who writes what:
 
-- **written today** by the dataflow's InfluxDB sink (``dataflows/connectors/influx.py``):
-  ``mw_telemetry``, ``mw_silence``, ``mw_score``, ``mw_flow``, ``mw_alert`` and the flow hop
-  of ``mw_ledger``; by remediation (``remediation/influx.py``): ``mw_incident``, ``mw_kpi``,
-  ``mw_work_orders``; by the bridge (``mesh_bridge/stats.py``): ``mw_bridge``,
-  ``mw_dead_letters``, the bridge and edge hops of ``mw_ledger`` and, from the gateways'
-  heartbeats, ``mw_edge``. The dataflow's names are repeated here (the contract imports no
-  ``dataflows/``; a test checks that the names agree).
-- **defined here, not written yet**: ``mw_district`` (district aggregates). The dashboards
-  are built and tested on these definitions (the tests write lines made by
-  :meth:`Measurement.line`), so a writer only has to emit these lines.
+- the dataflow's InfluxDB sink (``dataflows/connectors/influx.py``): ``mw_telemetry``,
+  ``mw_silence``, ``mw_score``, ``mw_flow``, ``mw_alert``, ``mw_district`` (a district's
+  water balance, from the detection step) and the flow hop of ``mw_ledger``. The dataflow's
+  names are repeated here (the contract imports no ``dataflows/``; a test checks that the
+  names agree);
+- remediation (``remediation/influx.py``): ``mw_incident``, ``mw_kpi``, ``mw_work_orders``;
+- the bridge (``mesh_bridge/stats.py``): ``mw_bridge``, ``mw_dead_letters``, the bridge and
+  edge hops of ``mw_ledger`` and, from the gateways' heartbeats, ``mw_edge``.
+
+The dashboards are built and tested on these definitions (the tests write lines made by
+:meth:`Measurement.line`).
 
 Times are UTC epoch milliseconds (write with ``precision=ms``). Cumulative counters are
 integers stamped with wall-clock time (the newest sample is the current value), like
@@ -26,8 +27,6 @@ integers stamped with wall-clock time (the newest sample is the current value), 
 ...            1767225600000)
 'mw_alert,device=m1,district=d1,kind=leak,severity=major,status=open alert_id="a-1",active=1i,\
 score=0.97,est_loss_lph=120.0 1767225600000'
->>> sorted(m.name for m in ALL if not m.written)
-['mw_district']
 """
 
 from __future__ import annotations
@@ -46,15 +45,13 @@ class Measurement:
     """One measurement: its tags, its fields (name -> ``float``, ``int`` or ``str``).
 
     ``fields`` may be empty when they are open-ended (``mw_telemetry`` has one field per
-    metric name of the contract). ``writer`` is the component that writes it; ``written``
-    says whether it does today.
+    metric name of the contract). ``writer`` is the component that writes it.
     """
 
     name: str
     tags: tuple[str, ...]
     fields: Mapping[str, str]
     writer: str
-    written: bool
     doc: str
 
     def line(self, tags: Mapping[str, str], fields: Mapping[str, object], ts_ms: int) -> str:
@@ -104,30 +101,29 @@ def _field_value(measurement: str, key: str, kind: str, value: object) -> str:
 
 _SINK = "dataflows/connectors/influx.py (the dataflow's InfluxDB sink)"
 
-# -- written today ------------------------------------------------------------------------
 TELEMETRY = Measurement(
-    "mw_telemetry", ("device", "imputed"), {}, _SINK, True,
+    "mw_telemetry", ("device", "imputed"), {}, _SINK,
     "Every released reading, event time; one field per metric (flow_lpm, pressure_bar...); "
     "imputed=true for gap-filled points.")
 SILENCE = Measurement(
     "mw_silence", ("device",), {"missed": "int", "last_seen_ms": "int", "resumed": "int"},
-    _SINK, True, "Silence records: an onset (resumed=0) and a resumption (resumed=1).")
+    _SINK, "Silence records: an onset (resumed=0) and a resumption (resumed=1).")
 SCORE = Measurement(
-    "mw_score", ("device",), {"score": "float"}, _SINK, True,
+    "mw_score", ("device",), {"score": "float"}, _SINK,
     "The detection stage's score in [0, 1] of each reading it scored (the highest of the "
     "water detectors').")
 FLOW = Measurement(
     "mw_flow", ("shard",),
     {name: "int" for name in ("received", "duplicates", "measured", "late", "unverified",
                               "imputed", "gaps_filled", "silent_onsets", "long_gaps")},
-    _SINK, True, "A shard's cumulative pipeline counters, wall-clock stamped.")
+    _SINK, "A shard's cumulative pipeline counters, wall-clock stamped.")
 
 ALERT = Measurement(
     "mw_alert", ("district", "kind", "severity", "status", "device"),
     {"alert_id": "str", "active": "int", "score": "float", "est_loss_lph": "float",
      "first_ts_ms": "int", "last_ts_ms": "int"},
     _SINK + ", from the detection stage's Alert events (also published to "
-    "mw/v1/alerts/...)", True,
+    "mw/v1/alerts/...)",
     "One point per Alert event at its last_ts_ms. ``active`` is 1 for open/update, 0 for "
     "cleared; a cleared alert writes est_loss_lph=0, so the last value per (district, "
     "device, kind) is the loss still running. ``device`` is absent for district-wide alerts.")
@@ -136,7 +132,7 @@ INCIDENT = Measurement(
     "mw_incident", ("district", "kind", "event"),
     {"incident_id": "str", "work_order_id": "str", "priority": "int", "est_loss_lph": "float",
      "text": "str"},
-    "remediation (remediation/store.py, in the transaction that changes the incident)", True,
+    "remediation (remediation/store.py, in the transaction that changes the incident)",
     "Incident and work-order life-cycle events (event = opened, escalated, assigned, "
     "resolved, false_alarm, cancelled, reopened) at wall-clock time; ``text`` is the "
     "one-line summary shown as an annotation.")
@@ -145,29 +141,29 @@ KPI = Measurement(
     {"alerts": "int", "remediation_rate": "float", "false_alarm_rate": "float",
      "mtta_s": "float", "mttr_s": "float", "water_saved_m3": "float", "open_incidents": "int"},
     "remediation (remediation/influx.py: remediation/kpi.py's compute(), sampled "
-    "periodically)", True,
+    "periodically)",
     "The remediation KPIs that are Prometheus gauges mw_remediation_* today; a KPI that is "
     "not known yet (None) is left out of the line.")
 WORK_ORDERS = Measurement(
     "mw_work_orders", ("state",), {"count": "int"},
-    "remediation (remediation/influx.py, with mw_kpi)", True,
+    "remediation (remediation/influx.py, with mw_kpi)",
     "Work orders by state now (Prometheus mw_remediation_work_orders today).")
-# -- defined here, not written yet ----------------------------------------------------------
 DISTRICT = Measurement(
     "mw_district", ("district",),
     {"inlet_flow_lpm": "float", "customer_flow_lpm": "float", "balance_lpm": "float",
-     "pressure_bar": "float"},
-    "the dataflow's district step (the input of models/water district_leak)", False,
-    "Per district and 15 minutes of event time: inlet flow, the sum of its customer "
-    "meters, the balance (inlet - customers) and the inlet pressure. mw_telemetry carries "
-    "no district tag, so this is what the district dashboard reads.")
+     "pressure_bar": "float", "meters_reporting": "int"},
+    _SINK + ", from the detection step (dataflows/district_balance.py)",
+    "Per district and 15 minutes of event time, stamped at the interval's start: inlet "
+    "flow, the sum of its customer meters' mean flows, the balance (inlet - customers), the "
+    "inlet pressure and how many customer meters reported. mw_telemetry carries no district "
+    "tag, so this is what the district dashboard reads.")
 BRIDGE = Measurement(
     "mw_bridge", ("bridge",),
     {"messages_in": "int", "readings_in": "int", "readings_forwarded": "int",
      "duplicates": "int", "late": "int", "in_flight": "int", "cloud_connected": "int",
      "lag_p95_s": "float"},
     "mesh_bridge (mesh_bridge/stats.py, every bridge.stats_s; also Prometheus "
-    "meshwatch_bridge_*)", True,
+    "meshwatch_bridge_*)",
     "The bridge's cumulative counters, its gauges and the 95th percentile of "
     "receive time - sent_ms over the last interval.")
 EDGE = Measurement(
@@ -175,12 +171,12 @@ EDGE = Measurement(
     {"queue_depth": "int", "queue_bytes": "int", "oldest_queued_age_s": "float",
      "in_flight": "int", "connected": "int", "readings_in": "int", "acked": "int",
      "readings_dropped": "int"},
-    "mesh_bridge (mesh_bridge/stats.py), from each gateway's newest heartbeat", True,
+    "mesh_bridge (mesh_bridge/stats.py), from each gateway's newest heartbeat",
     "An edge agent's durable outbox and link, from the stats() counters of its heartbeats "
     "(stamped with the heartbeat's sent_ms; also Prometheus meshwatch_edge_* at the edge).")
 DEAD_LETTERS = Measurement(
     "mw_dead_letters", ("component", "instance", "reason"), {"count": "int"},
-    "mesh_bridge (mesh_bridge/stats.py)", True,
+    "mesh_bridge (mesh_bridge/stats.py)",
     "Cumulative dead letters the bridge published, per instance and reason code "
     "(meshwatch.contract ContractError.reason), its own and those of the gateways it "
     "forwards (component=bridge). The dataflow's rare decode failures (the bridge has "
@@ -189,7 +185,7 @@ LEDGER = Measurement(
     "mw_ledger", ("hop", "instance"),
     {"received": "int", "forwarded": "int", "duplicates": "int", "dead_letters": "int",
      "dropped": "int"},
-    "mesh_bridge/stats.py (hops edge and bridge), the dataflow's sink (hop flow)", True,
+    "mesh_bridge/stats.py (hops edge and bridge), the dataflow's sink (hop flow)",
     "The loss ledger of ARCHITECTURE.md: what each hop (edge, bridge, flow) received, "
     "forwarded, de-duplicated, dead-lettered and dropped, in readings, cumulative. The edge "
     "hop has received, dead_letters and dropped (its heartbeats count messages, not "
