@@ -5,8 +5,7 @@ What runs, in order of the data path:
 1. two embedded MQTT brokers (amqtt, :mod:`meshwatch.embedded_broker`; MQTT 3.1.1 only), a
    site broker and the cloud mesh, or ``--broker URL`` for both (MQTT 5);
 2. the fleet simulator (``--meters`` customer meters in ``--districts`` districts for
-   ``--days`` simulated days, as fast as it goes; its ground truth in
-   ``OUT/ground_truth.csv``) and, for district 1, the OPC-UA pump station
+   ``--days`` simulated days, as fast as it goes) and, for district 1, the OPC-UA pump station
    (:mod:`simulators.opcua_station`) serving in simulated time;
 3. one edge agent per gateway, each with its durable outbox and the edge model (trained on
    the first run into ``OUT/edge-model``); the SCADA gateway of district 1 reads its pump
@@ -27,21 +26,28 @@ What runs, in order of the data path:
 6. remediation in-process (:class:`remediation.command.Service`: SQLite in
    ``OUT/remediation.db``, the API and the crew and operator pages on a free port, printed at
    the start) on the mesh's alert topic (the edge alerts the bridge forwards, and the
-   dataflow's); one crew
-   per district, worked by the crew simulator (:mod:`simulators.crews`) once the simulation
-   has ended and its ground truth is complete;
+   dataflow's); one crew per district, worked by the crew simulator
+   (:mod:`simulators.crews`) while the simulation runs: the crews find what the ground truth
+   holds at the time (incidents as they begin, clock skews from the communication faults;
+   see :class:`simulators.crews.TruthBook`);
 7. subscribers that count what reaches the site broker and the mesh, per gateway, by
-   ``(device, seq)``, and the alerts and feedback in the mesh.
+   ``(device, seq)``, stamp when it arrived, and keep the alerts and feedback in the mesh.
 
-It ends with a table per gateway (readings sent, at the site broker, in the mesh, missing,
-scores, edge alerts), the bridge's counts, the lake read back against the mesh (every reading
-once), and remediation's work orders (created, resolved by outcome, false alarms, still open,
-feedback sent) and KPIs. It exits 1 if any reading an agent accepted did not reach the mesh,
-if the lake misses a reading of the mesh or holds one twice, or if an alert of the mesh was
-not stored by remediation. Every run starts from empty outboxes, lake, recovery directory and
-database. This module belongs to the command-line layer: it is the one place besides
-:mod:`meshwatch.cli` that wires other packages together, and it imports them only when the
-demo runs.
+The simulation uses :data:`meshwatch.report.detection.DEMO_RATES` (customer leaks and bursts
+raised, so that a few days hold enough to measure) and writes its truth into
+``OUT/ground_truth.csv`` and ``OUT/comm_faults.csv``. It ends with a table per gateway
+(readings sent, at the site broker, in the mesh, missing, scores, edge alerts), the bridge's
+counts, the lake read back against the mesh (every reading once), remediation's work orders
+(created, resolved by outcome, false alarms, cancelled, still open, feedback sent) and KPIs,
+then latency and throughput, detection against the ground truth by kind, the Grafana
+dashboards exported into ``OUT/dashboards`` and the report ``OUT/report.html`` (with
+``report.json`` and PNG plots; :mod:`meshwatch.report`). It exits 1 if any reading an agent
+accepted did not reach the mesh, if the lake misses a reading of the mesh or holds one twice,
+if an alert of the mesh was not stored by remediation, or (``--quick``) if detection falls
+below a floor of :data:`meshwatch.report.detection.QUICK_FLOORS`, saying which. Every run
+starts from empty outboxes, lake, recovery directory and database. This module belongs to
+the command-line layer: it is the one place besides :mod:`meshwatch.cli` that wires other
+packages together, and it imports them only when the demo runs.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -78,6 +84,11 @@ from meshwatch.contract import (
     decode_event,
     topics,
 )
+from meshwatch.report.timing import Arrivals
+
+if TYPE_CHECKING:
+    from meshwatch.report.summary import Counted
+    from simulators.crews import TruthBook
 
 OPCUA_DISTRICT = 1
 OPCUA_SPEED = 3600.0  # one simulated hour per second
@@ -87,12 +98,24 @@ FLOW_CLIENT_ID = "demo-flow"
 FLOW_EPOCH_S = 1.0
 """Seconds per dataflow epoch. Acks go out one or two epochs late, and amqtt forgets a QoS1
 message (no redelivery) whose PUBACK takes more than 5 s: keep this well below."""
+FLOW_IDLE_FLUSH_S = 5.0
+"""Wall-clock seconds before the dataflow stops waiting for a quiet shard. At 1 s, on a
+loaded machine, districts moved on without shards that had only fallen behind, and their
+meters were alerted as silent: 300 false ``silent`` alerts in one quick run (seed 8)
+against none at 5 s."""
 STALL_TIMEOUT_S = 60.0
 """The lake or remediation waits give up when nothing moved for this long."""
 REMEDIATION_CLIENT_ID = "demo-remediation"
 OPERATOR_TOKEN = "demo-operator"  # a demo on loopback: printed on purpose
 CREW_SPEED = 3600.0
 """The crews' time compression: an hour of field work per second."""
+CREW_POLL_S = 0.25
+"""The crews look at their work orders this often (15 minutes of field time at
+:data:`CREW_SPEED`, the order of their reaction time): their HTTP calls share the demo's
+process with the simulation, so not more often."""
+QUICK_METERS, QUICK_DISTRICTS, QUICK_DAYS = 400, 2, 6.0
+"""``--quick``: 3 days for the detectors to learn (see :data:`meshwatch.report.detection
+.WARMUP_DAYS`) and 3 scored days; under 2 minutes on 2 cores."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", default=None,
                         help="use this broker (mqtt://host:port) instead of the embedded one")
     parser.add_argument("--quick", action="store_true",
-                        help="a small run for CI: 600 meters, 2 districts, 2 days")
+                        help=f"a small run for CI: {QUICK_METERS} meters, {QUICK_DISTRICTS}"
+                        f" districts, {QUICK_DAYS:g} days; fails below its detection floors")
     parser.add_argument("--influx-url", default=None,
                         help="also write the dataflow's points to this InfluxDB v2 write API"
                         " (default: MESHWATCH_INFLUXDB__URL if set, else no writes; token,"
@@ -126,13 +150,15 @@ def run(args: argparse.Namespace) -> int:
         free_port,
         puback_timeouts,
     )
+    from meshwatch.report.detection import DEMO_RATES, QUICK_FLOORS, TruthCollector
+    from meshwatch.report.summary import summarise
     from simulators import FleetConfig, FleetSimulator, SimConfig
-    from simulators.crews import TruthEpisode
+    from simulators.crews import TruthBook
     from simulators.opcua_station import PUMP_METRICS, PumpStation, pump_node_id
-    from simulators.output import EpisodeWriter
+    from simulators.output import CommFaultWriter, EpisodeWriter
 
     if args.quick:
-        args.meters, args.districts, args.days = 600, 2, 2.0
+        args.meters, args.districts, args.days = QUICK_METERS, QUICK_DISTRICTS, QUICK_DAYS
     logging.getLogger("asyncua").setLevel(logging.ERROR)  # security-policy chatter
     console = Console()
     started = time.monotonic()
@@ -151,22 +177,28 @@ def run(args: argparse.Namespace) -> int:
         mesh_broker = brokers[1] if brokers else None
         protocol: MqttProtocol = "5" if args.broker else MQTT_PROTOCOL
         sim_config = SimConfig(fleet=FleetConfig(meters=args.meters, districts=args.districts),
-                               days=args.days, seed=args.seed)
+                               incidents=DEMO_RATES, days=args.days, seed=args.seed)
         simulator = FleetSimulator(sim_config)
         fleet = simulator.fleet
-        truth: list[TruthEpisode] = []
+        truth = TruthCollector(fleet)  # for scoring the detection at the end
+        crew_truth = TruthBook()  # what the crews find, as the simulation goes
         truth_file = EpisodeWriter(args.out / "ground_truth.csv", fleet, "incident_id")
         stack.callback(truth_file.close)
+        comm_file = CommFaultWriter(args.out / "comm_faults.csv", fleet)
+        stack.callback(comm_file.close)
 
         def on_episode(episode: Any) -> None:
+            truth.on_episode(episode)
             if episode.episode_id.startswith("inc-"):  # incidents, not confounders
                 truth_file(episode)
-                truth.append(TruthEpisode(
-                    None if episode.device < 0 else fleet.device_ids[episode.device],
-                    fleet.district_ids[episode.district], episode.kind, episode.start_ms,
-                    episode.end_ms))
+                crew_truth.record_simulated(episode, fleet)
 
-        simulator.on_episode = on_episode
+        def on_comm_faults(log: Any) -> None:
+            truth.on_comm_faults(log)
+            comm_file(log)
+            crew_truth.record_comm_faults(log, fleet)
+
+        simulator.on_episode, simulator.on_comm_faults = on_episode, on_comm_faults
         site_counter = _Counter(url, protocol, ("site_telemetry", "site_scores", "site_alerts"))
         stack.callback(site_counter.close)
         mesh = _Counter(mesh_url, protocol, ("mesh_telemetry", "dead_letter", "alerts",
@@ -183,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
         stack.callback(remediation.stop)
         flow.start(mesh_broker)
         remediation.start(mesh_broker)
+        remediation.start_crews(crew_truth)  # they work while the simulation runs
         console.print(f"crew page: [bold]{remediation.base_url}/ui/crew[/bold] (log in at"
                       f" /ui/login with a crew token: {remediation.token_hint}); operator page:"
                       f" /ui/operator (token {OPERATOR_TOKEN})", soft_wrap=True)
@@ -222,12 +255,17 @@ def run(args: argparse.Namespace) -> int:
         opcua.start()
 
         sent: dict[str, set[tuple[str, int]]] = defaultdict(set)
-        start_ms = sim_config.start_ms
+        start_ms = known_ms = sim_config.start_ms
         interrupted = False
         try:
             with _progress(console) as progress:
                 task = progress.add_task("simulated days", total=args.days)
                 for block in simulator:
+                    if block.sent_ms > known_ms:  # a new step: incidents that began in it
+                        known_ms = block.sent_ms
+                        for episode in simulator.ongoing_episodes():
+                            crew_truth.record_simulated(episode, fleet)
+                    truth.trace(block)
                     if block.gateway_id == scada and block.kind == "pump_station":
                         continue  # district 1's pump station arrives over OPC-UA
                     if agents[block.gateway_id].submit_block(block):
@@ -248,8 +286,6 @@ def run(args: argparse.Namespace) -> int:
             console.print("[yellow]interrupted: stopping everything[/yellow]")
             return 1
         try:
-            # the ground truth is complete now: the crews can tell leaks from false alarms
-            remediation.start_crews(truth)
             opcua_sent = int(agents[scada].final_stats["readings_in"]) - len(sent[scada])
             site_counter.wait_for(sent, DELIVERY_TIMEOUT_S)
             mesh.wait_for(sent, DELIVERY_TIMEOUT_S)
@@ -261,12 +297,77 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: stopping everything[/yellow]")
             return 1
+    elapsed = time.monotonic() - started
     missing = _report(console, agents, sent, site_counter, mesh, drained, opcua_sent, scada,
-                      time.monotonic() - started)
+                      elapsed)
     _report_bridge(console, bridge, mesh, bridged)
     _report_lake(console, lake, len(in_mesh), influx_url, late_pubacks)
     _report_remediation(console, work)
-    return 1 if missing or not lake.exact or work.alerts_lost else 0
+    summary = summarise(
+        console, args.out, _counted(args, elapsed, agents, sent, mesh, missing, lake, work,
+                                    influx_url),
+        site_counter.arrivals, mesh.arrivals, mesh.alert_log, truth, simulator,
+        QUICK_FLOORS if args.quick else ())
+    if missing or not lake.exact or work.alerts_lost:
+        console.print("[red]the ledger does not balance: see above[/red]")
+        return 1
+    if summary.failed:
+        console.print(f"[red]detection below its floors[/red]: {'; '.join(summary.failed)}",
+                      highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def _counted(args: argparse.Namespace, elapsed: float, agents: dict[str, Any],
+             sent: dict[str, set[tuple[str, int]]], mesh: _Counter, missing: int,
+             lake: _LakeCheck, work: _Work, influx_url: str | None) -> Counted:
+    """What the demo counted, as sections of the report."""
+    from meshwatch.report.summary import Counted
+
+    ledger = [(gateway, f"accepted by its edge agent {agent.final_stats['readings_in']:,}"
+                        " (with the duplicates the simulator sends),"
+                        f" in the mesh {len(mesh.received[gateway]):,}, missing"
+                        f" {len(sent[gateway] - mesh.received[gateway]):,}")
+              for gateway, agent in agents.items()]
+    ledger.append(("lake, read back",
+                   f"{lake.rows:,} rows; missing {lake.missing:,}, twice {lake.twice:,},"
+                   f" not from the mesh {lake.extra:,}"))
+    ledger.append(("verdict", "nothing lost, nothing twice" if lake.exact and not missing
+                   and not work.alerts_lost else "NOT BALANCED: see the rows above"))
+    letters = ", ".join(f"{reason} {n:,}" for reason, n in sorted(mesh.dead_letters.items()))
+    states, k = work.work_orders, work.kpis
+    created = sum(states.values())
+
+    def rate(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.0%}"
+
+    remediation = [
+        ("alerts in the mesh / stored", f"{work.alert_messages:,} / {work.stored:,}"
+                                        f" ({work.alerts_lost:,} lost)"),
+        ("work orders created", f"{created:,}"),
+        ("resolved (by outcome)", f"{states.get('resolved', 0):,} ("
+         + (", ".join(f"{o} {n:,}" for o, n in sorted(work.outcomes.items())) or "none") + ")"),
+        ("closed as false alarms", f"{states.get('false_alarm', 0):,}"),
+        ("cancelled (the alert cleared before a crew acknowledged)",
+         f"{states.get('cancelled', 0):,}"),
+        ("still open", f"{sum(states.get(s, 0) for s in ACTIVE_STATES):,}"),
+        ("remediation rate", rate(k["remediation_rate"])),
+        ("false-alarm rate", rate(k["false_alarm_rate"])),
+        ("estimated water loss avoided", f"{k['water_saved_m3']:,.1f} m³ (remediation's KPI:"
+         " each confirmed leak's estimated loss over its saved horizon)"),
+    ]
+    dead = [("bridge (by reason)", letters or "none"),
+            ("remediation intake", f"{work.dead_letters:,}")]
+    outcomes = dict(work.outcomes)
+    outcomes["false_alarm"] = states.get("false_alarm", 0)
+    outcomes["cancelled (cleared before a crew acknowledged)"] = states.get("cancelled", 0)
+    title = (f"Meshwatch demo: {args.meters:,} meters, {args.districts} districts,"
+             f" {args.days:g} simulated days, seed {args.seed}")
+    total = sum(int(agent.final_stats["readings_in"]) for agent in agents.values())
+    return Counted(title, elapsed, total,
+                   [("Ledger, counted by (device, seq)", ledger),
+                    ("Remediation", remediation), ("Dead letters", dead)],
+                   outcomes, influx_url)
 
 
 def _bridge(out: Path, simulator: Any, site_url: str, mesh_url: str, protocol: str) -> Any:
@@ -332,6 +433,9 @@ class _Counter:
     alert_messages: int = 0
     feedback: Counter[str] = field(default_factory=Counter)
     undecodable: int = 0
+    arrivals: Arrivals = field(default_factory=Arrivals)
+    alert_log: list[tuple[float, Alert]] = field(default_factory=list)
+    """Every alert message with the wall time it arrived."""
 
     def __post_init__(self) -> None:
         import paho.mqtt.client as mqtt
@@ -355,6 +459,7 @@ class _Counter:
             raise RuntimeError(msg)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        at = time.time()
         try:
             event = decode_event(message.payload)
         except ContractError:
@@ -363,15 +468,17 @@ class _Counter:
         with self._lock:
             if isinstance(event, TelemetryBatch):
                 seen = self.received[event.gateway_id]
-                for reading in event.readings:
-                    key = (reading.device_id, reading.seq)
+                keys = [(reading.device_id, reading.seq) for reading in event.readings]
+                for key in keys:
                     if key in seen:
                         self.duplicates[event.gateway_id] += 1
                     seen.add(key)
+                self.arrivals.add(keys, max(reading.ts_ms for reading in event.readings), at)
             elif isinstance(event, EdgeScore):
                 self.windows[event.gateway_id] += len(event.windows)
             elif isinstance(event, Alert):
                 self.alert_messages += 1
+                self.alert_log.append((at, event))
                 if event.status == "open":
                     self.alerts[str(event.evidence.get("gateway_id"))] += 1
             elif isinstance(event, DeadLetter):
@@ -510,7 +617,7 @@ class _Flow:
             "[mesh]", f"partitions = {MESH_PARTITIONS}",
             "[registry]", f"file = {json.dumps(str(out / 'registry.csv'))}",
             "[flow]", f"client_id = {json.dumps(FLOW_CLIENT_ID)}",
-            f"snapshot_interval_s = {FLOW_EPOCH_S}", "idle_flush_s = 1.0",
+            f"snapshot_interval_s = {FLOW_EPOCH_S}", f"idle_flush_s = {FLOW_IDLE_FLUSH_S}",
             f"lake_dir = {json.dumps(str(self.lake))}",
             f"recovery_dir = {json.dumps(str(self.recovery))}", ""]))
 
@@ -654,7 +761,7 @@ class _Remediation:
             _wait_until(lambda: REMEDIATION_CLIENT_ID in broker.subscribers(alerts), 30,
                         "remediation to subscribe to the alert topic")
 
-    def start_crews(self, truth: list[Any]) -> None:
+    def start_crews(self, truth: TruthBook) -> None:
         """The crews work their orders through the API, finding what ``truth`` says."""
         from simulators.crews import CrewSimulator
 
@@ -664,7 +771,7 @@ class _Remediation:
         self._crews_thread.start()
 
     def _crew_loop(self) -> None:
-        while not self._crews_stop.wait(0.1):
+        while not self._crews_stop.wait(CREW_POLL_S):
             try:
                 self.crew_sim.step()
             except Exception as exc:  # the API restarting, a timeout: try again
@@ -816,7 +923,9 @@ def _report_remediation(console: Console, work: _Work) -> None:
         f" ({work.duplicates:,} duplicates, {work.dead_letters:,} dead letters; {lost});"
         f" {created:,} work orders created, {resolved:,} resolved"
         f"{' (' + outcomes + ')' if outcomes else ''}, {states.get('false_alarm', 0):,} false"
-        f" alarms, {still:,} still open; {work.feedback:,} feedback messages to the mesh.",
+        f" alarms, {states.get('cancelled', 0):,} cancelled (cleared before a crew"
+        f" acknowledged), {still:,} still open; {work.feedback:,} feedback messages to the"
+        " mesh.",
         highlight=False)
     k = work.kpis
 
@@ -830,5 +939,5 @@ def _report_remediation(console: Console, work: _Work) -> None:
         f"remediation KPIs: remediation rate {rate(k['remediation_rate'])}, false-alarm rate"
         f" {rate(k['false_alarm_rate'])}, MTTA {seconds(k['mtta_s'])}, MTTR"
         f" {seconds(k['mttr_s'])}, water saved {k['water_saved_m3']:,.1f} m³ (wall clock:"
-        f" the crews start when the simulation ends and its ground truth is complete, and"
-        f" work at {CREW_SPEED:,.0f}× real time).", highlight=False)
+        f" the crews work while the simulation runs, at {CREW_SPEED:,.0f}× real time, and"
+        f" find what its ground truth holds at the time).", highlight=False)

@@ -6,9 +6,14 @@ delay, and finishes after the repair (or the inspection) takes its time. Delays 
 log-normal distributions around realistic medians and divided by ``speed`` (a simulated fleet
 runs faster than real time).
 
-What the crew finds comes from the simulator's ground truth (``ground_truth.csv``): the
-work order's incident is matched (:func:`outcome_for`) to an episode of a compatible kind at
-the same place whose time overlaps the incident's, give or take :data:`SLACK_MS`:
+What the crew finds comes from the simulator's ground truth: its incidents
+(``ground_truth.csv``) and the clock skews of its communication faults (``comm_faults.csv``,
+one row per skewed reading, grouped into one episode per device and offset by
+:meth:`TruthBook.record_skew`). A :class:`TruthBook` holds that truth and may grow while the
+simulation runs, so a crew judges an alert against the truth active at that time: ongoing
+episodes (a network leak lasts about a month) count as soon as they begin. The work order's
+incident is matched (:func:`outcome_for`) to an episode of a compatible kind at the same place
+whose time overlaps the incident's, give or take :data:`SLACK_MS`:
 
 - a *district* incident (no device, or the district's inlet meter ``<district>-inlet``) of
   kind ``burst`` or ``leak`` matches a district-wide episode (no device) in the same district:
@@ -22,7 +27,7 @@ A match is resolved with its outcome (a leak is a ``confirmed_leak``, a burst a
 kind, another place or time, kinds such as ``silent`` or ``anomaly``) is a ``false_alarm``.
 
 Run: ``python -m simulators.crews --api http://127.0.0.1:8080 --truth out/ground_truth.csv
---crew crew-north=TOKEN [--crew ...] --speed 600``
+--comm-faults out/comm_faults.csv --crew crew-north=TOKEN [--crew ...] --speed 600``
 
 >>> truth = [TruthEpisode("mtr-7", "dma-01", "customer_leak", 1000, 9000),
 ...          TruthEpisode(None, "dma-02", "burst", 1000, 2000),
@@ -47,12 +52,20 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
+
+from simulators.comms import CommFault, CommFaultLog
+from simulators.fleet import Fleet
+from simulators.truth import Episode
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +103,85 @@ class TruthEpisode(NamedTuple):
     end_ms: int
 
 
-def load_truth(path: Path) -> list[TruthEpisode]:
-    """Read the simulator's ``ground_truth.csv``."""
+class TruthBook:
+    """Ground truth as far as it is known, growing while a simulation runs; thread-safe.
+
+    Incidents are recorded under their episode id when they begin and again when they end
+    (the later record replaces the earlier). Clock skews come one skewed reading at a time
+    and are grouped by device and offset: an episode covers its readings' true times and
+    the times they reported, whichever is wider (as :mod:`models.evaluate` scores them).
+
+    >>> book = TruthBook([TruthEpisode(None, "dma-01", "network_leak", 0, 30 * 86_400_000)])
+    >>> book.record_skew("mtr-7", "dma-01", [(3_600_000, 600_000), (7_200_000, 600_000)])
+    >>> [(e.kind, e.start_ms, e.end_ms) for e in book.episodes()][1]
+    ('clock_skew', 3600000, 7800000)
+    >>> outcome_for("sensor_fault", "mtr-7", "dma-01", 7_000_000, 7_000_000, book.episodes())
+    'meter_fault'
+    """
+
+    def __init__(self, episodes: Iterable[TruthEpisode] = ()) -> None:
+        self._lock = threading.Lock()
+        self._episodes: dict[object, TruthEpisode] = dict(enumerate(episodes))
+
+    def record(self, key: str, episode: TruthEpisode) -> None:
+        """Add ``episode`` under ``key``, or replace what is there (a begun episode ended)."""
+        with self._lock:
+            self._episodes[key] = episode
+
+    def record_skew(self, device_id: str, district: str,
+                    readings: Iterable[tuple[int, int]]) -> None:
+        """Add skewed readings of ``device_id``: ``(true ts_ms, offset_ms)`` pairs."""
+        with self._lock:
+            for ts_ms, offset_ms in readings:
+                key = ("clock_skew", device_id, offset_ms)
+                begin, end = ts_ms + min(offset_ms, 0), ts_ms + max(offset_ms, 0)
+                known = self._episodes.get(key)
+                if known is not None:
+                    begin, end = min(begin, known.start_ms), max(end, known.end_ms)
+                self._episodes[key] = TruthEpisode(device_id, district, "clock_skew", begin,
+                                                   end)
+
+    def record_simulated(self, episode: Episode, fleet: Fleet) -> None:
+        """Add or update a simulator incident (:mod:`simulators.truth`), begun or ended."""
+        device = None if episode.device < 0 else str(fleet.device_ids[episode.device])
+        self.record(episode.episode_id, TruthEpisode(
+            device, fleet.district_ids[episode.district], episode.kind, episode.start_ms,
+            episode.end_ms))
+
+    def record_comm_faults(self, log: CommFaultLog, fleet: Fleet) -> None:
+        """Add the clock skews in one step of the simulator's communication-fault log."""
+        rows = np.flatnonzero(log.fault == CommFault.CLOCK_SKEW)
+        by_device: dict[int, list[tuple[int, int]]] = {}
+        for row in rows.tolist():
+            by_device.setdefault(int(log.device[row]), []).append(
+                (int(log.ts_ms[row]), int(log.detail_ms[row])))
+        for device, readings in by_device.items():
+            self.record_skew(str(fleet.device_ids[device]),
+                             fleet.district_ids[int(fleet.district_of[device])], readings)
+
+    def episodes(self) -> list[TruthEpisode]:
+        """Every episode known now, in the order they were first recorded."""
+        with self._lock:
+            return list(self._episodes.values())
+
+
+def load_truth(path: Path, comm_faults: Path | None = None) -> list[TruthEpisode]:
+    """Read the simulator's ``ground_truth.csv``, and the clock skews of its ``comm_faults.csv``.
+
+    ``comm_faults.csv`` names no district: its episodes have district ``""``, which no
+    device-level match looks at.
+    """
     with path.open(newline="", encoding="utf-8") as handle:
-        return [TruthEpisode(row["device_id"] or None, row["district"], row["kind"],
-                             int(row["start_ms"]), int(row["end_ms"]))
-                for row in csv.DictReader(handle)]
+        book = TruthBook(TruthEpisode(row["device_id"] or None, row["district"], row["kind"],
+                                      int(row["start_ms"]), int(row["end_ms"]))
+                         for row in csv.DictReader(handle))
+    if comm_faults is not None:
+        with comm_faults.open(newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if row["fault"] == "clock_skew":
+                    book.record_skew(row["device_id"], "",
+                                     [(int(row["ts_ms"]), int(row["detail_ms"]))])
+    return book.episodes()
 
 
 def inlet_id(district: str) -> str:
@@ -163,11 +249,13 @@ class _Plan:
 class CrewSimulator:
     """Drive every crew's work orders through the API; see the module doc."""
 
-    def __init__(self, api: str, crews: dict[str, str], truth: list[TruthEpisode], *,
-                 speed: float = 60.0, seed: int = 1) -> None:
+    def __init__(self, api: str, crews: dict[str, str],
+                 truth: list[TruthEpisode] | TruthBook, *, speed: float = 60.0,
+                 seed: int = 1) -> None:
         self.api = api.rstrip("/")
         self.crews = crews
-        self.truth = truth
+        self.truth = truth if isinstance(truth, TruthBook) else TruthBook(truth)
+        """What the crews find, consulted when a crew starts on a work order."""
         self.speed = speed
         self.rng = random.Random(seed)
         self.plans: dict[str, _Plan] = {}
@@ -220,7 +308,8 @@ class CrewSimulator:
             detail = self._get(token, f"/api/v1/work-orders/{wo['work_order_id']}")
             incident = detail["incident"]
             found = outcome_for(incident["kind"], wo["device_id"], wo["district"],
-                                incident["first_ts_ms"], incident["last_ts_ms"], self.truth)
+                                incident["first_ts_ms"], incident["last_ts_ms"],
+                                self.truth.episodes())
             if found == "false_alarm":
                 return _Plan(now + delay_s("inspect", self.speed, self.rng), "false_alarm",
                              "false_alarm")
@@ -253,14 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--api", required=True, help="base URL of meshwatch remediation")
     parser.add_argument("--truth", type=Path, required=True, help="ground_truth.csv")
+    parser.add_argument("--comm-faults", type=Path, default=None,
+                        help="comm_faults.csv, for the clock skews it records")
     parser.add_argument("--crew", action="append", required=True, metavar="ID=TOKEN")
     parser.add_argument("--speed", type=float, default=60.0, help="time compression")
     parser.add_argument("--duration-s", type=float, default=3600.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     crews = dict(item.split("=", 1) for item in args.crew)
-    sim = CrewSimulator(args.api, crews, load_truth(args.truth), speed=args.speed,
-                        seed=args.seed)
+    sim = CrewSimulator(args.api, crews, load_truth(args.truth, args.comm_faults),
+                        speed=args.speed, seed=args.seed)
     sim.run(args.duration_s)
     print(json.dumps({"closed": len(sim.done), "outcomes": sim.done}, indent=2))
     return 0

@@ -132,6 +132,14 @@ class FleetSimulator:
         self._gateway_names = fleet.gateway_ids.tolist()
         self._started = False
 
+    def ongoing_episodes(self) -> list[Episode]:
+        """Ground-truth incidents that have begun and not ended yet.
+
+        ``on_episode`` receives them when they end; ``end_ms`` is the planned end, which may
+        lie beyond the run.
+        """
+        return self._incidents.ongoing()
+
     def __iter__(self) -> Iterator[ReadingBlock]:
         """Run the simulation, yielding blocks in delivery order; a simulator runs once."""
         if self._started:

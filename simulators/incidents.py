@@ -317,6 +317,10 @@ class Incidents:
 
     # -- ground truth -------------------------------------------------------------------------
 
+    def ongoing(self) -> list[Episode]:
+        """Episodes that have begun and not ended yet, with their planned ends."""
+        return [episode for _, _, episode in self._pending]
+
     def drain_ended(self, now_ms: int) -> list[Episode]:
         """Episodes that ended at or before ``now_ms``, oldest end first."""
         ended: list[Episode] = []

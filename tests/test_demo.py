@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 
 import pyarrow.dataset as ds
 
 from meshwatch.cli import main
+from meshwatch.report import detection
+from meshwatch.report.detection import QUICK_FLOORS, Floor
 
 
 def _children() -> set[int]:
@@ -34,11 +39,23 @@ def _children() -> set[int]:
     return found
 
 
-def test_quick_demo_loses_nothing(tmp_path, edge_model_dir, capsys) -> None:
+IMPOSSIBLE = Floor("burst", "recall", 1.01, "impossible, to see the demo fail")
+
+
+def test_quick_demo_loses_nothing(tmp_path, edge_model_dir, capsys, monkeypatch) -> None:
     shutil.copytree(edge_model_dir, tmp_path / "edge-model")  # skip the first-run training
     before = _children()
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    # one floor no run can keep: the demo must fail on it, and on it alone
+    monkeypatch.setattr(detection, "QUICK_FLOORS", (*QUICK_FLOORS, IMPOSSIBLE))
+    started = time.monotonic()
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 1
+    elapsed = time.monotonic() - started
     out = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"detection below its floors: burst recall is 1\.00, below its floor 1\.01",
+                     out), out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["floors_failed"]) == 1  # the real floors are all kept
+    assert "ledger does not balance" not in out
     assert "nothing lost" in out
     assert "read over OPC-UA" in out
     assert " 0 of them read over OPC-UA" not in out  # the pump station was really read
@@ -61,14 +78,42 @@ def test_quick_demo_loses_nothing(tmp_path, edge_model_dir, capsys) -> None:
     assert re.search(r"crew page: http://127\.0\.0\.1:\d+/ui/crew", out)
     line = re.search(r"remediation: ([\d,]+) alerts in the mesh, ([\d,]+) stored .*?none lost"
                      r".*?([\d,]+) work orders created, ([\d,]+) resolved.*?([\d,]+) false"
-                     r" alarms, 0 still open; ([\d,]+) feedback messages", out)
+                     r" alarms, ([\d,]+) cancelled .*?, 0 still open; ([\d,]+) feedback messages",
+                     out)
     assert line, out
-    alerts, stored, created, resolved, false_alarms, feedback = (
+    alerts, stored, created, resolved, false_alarms, cancelled, feedback = (
         int(group.replace(",", "")) for group in line.groups())
     assert alerts == stored > 0
     assert created > 0
-    assert resolved + false_alarms == created == feedback  # every closure fed back once
+    assert resolved + false_alarms + cancelled == created
+    # every closure by a crew is fed back (a false alarm may reopen on new evidence, and be
+    # cancelled later: its feedback was sent all the same)
+    assert resolved + false_alarms <= feedback <= created
     assert "remediation KPIs: remediation rate" in out
+    # the crews worked during the run and found the real leaks the truth held at the time
+    assert re.search(r"resolved \(confirmed_burst \d+, confirmed_leak [1-9]", out), out
+
+    # the report: latency measured for every reading and alert, detection against the truth
+    assert f"report: {tmp_path / 'report.html'}" in out
+    stored_rows = report["latency"]["site_broker_to_lake"]["n"]
+    assert stored_rows == report["latency"]["mesh_to_lake"]["n"] == forwarded
+    for name, measured in report["latency"].items():
+        assert 0 < measured["p50_s"] <= measured["p99_s"] <= measured["max_s"] < elapsed, name
+    assert report["latency"]["evidence_in_mesh_to_alert_in_mesh"]["n"] > 10
+    kinds = report["detection"]["kinds"]
+    for floor in QUICK_FLOORS:
+        assert kinds[floor.kind][floor.metric] >= floor.value, floor
+    assert kinds["customer_leak"]["detectable"] >= 8  # the floors rest on enough episodes
+    assert kinds["burst"]["detectable"] >= 4
+    page = (tmp_path / "report.html").read_text()
+    for image in ("throughput.png", "latency.png", "timeline.png", "work_orders.png"):
+        assert (tmp_path / image).stat().st_size > 5_000, image
+        assert f"src='{image}'" in page
+    boards = re.findall(r"href='(dashboards/dashboards/[\w-]+\.json)'", page)
+    assert len(boards) == 6
+    assert all((tmp_path / board).is_file() for board in boards)
+    assert (tmp_path / "dashboards" / "provisioning" / "dashboards" / "meshwatch.yaml").is_file()
+    assert "<td>verdict</td><td>nothing lost, nothing twice</td>" in page
 
     # nothing left running: the flow's child process was stopped and reaped
     deadline = time.monotonic() + 5
@@ -77,3 +122,46 @@ def test_quick_demo_loses_nothing(tmp_path, edge_model_dir, capsys) -> None:
     left = _children() - before
     assert not left, subprocess.run(["ps", "-o", "pid,cmd", "-p", ",".join(map(str, left))],
                                     capture_output=True, text=True, check=False).stdout
+
+
+def _in_session(sid: int) -> set[int]:
+    """Pids of live processes in session ``sid``."""
+    found = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                found.add(int(pid))
+    return found
+
+
+def test_ctrl_c_stops_the_demo_cleanly(tmp_path, edge_model_dir) -> None:
+    shutil.copytree(edge_model_dir, tmp_path / "edge-model")
+    demo = subprocess.Popen(  # its own session: Ctrl-C reaches the whole process group
+        [sys.executable, "-m", "meshwatch.cli", "demo", "--quick", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:  # the services are up and the simulation is starting
+            if line.startswith("dataflow:"):
+                break
+        time.sleep(8)
+        assert demo.poll() is None
+        assert len(_in_session(demo.pid)) >= 2  # the demo and its dataflow at least
+        os.killpg(demo.pid, signal.SIGINT)
+        out, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    assert demo.returncode == 1
+    assert "interrupted: stopping everything" in out
+    assert "Traceback" not in err, err[-3000:]
+    deadline = time.monotonic() + 10
+    while _in_session(demo.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _in_session(demo.pid)  # the dataflow and the bridge's router are gone too
