@@ -21,7 +21,8 @@ Who may do what (every rule comes from the topic contract, so the ACL follows it
   anything of another gateway;
 - **bridge** reads every site topic, writes the mesh partitions, edge alerts and dead letters;
 - **dataflow** reads the mesh partitions and feedback, writes alerts and dead letters;
-- **remediation** reads alerts, writes feedback;
+- **remediation** reads alerts, writes feedback, its crews' work-order events and dead letters
+  (alerts that break the contract);
 - **models** (optional) publishes the retained ``site_model`` announcements of every gateway.
 
 >>> print(acl_text({"gw-1": "dma-01"}, ["remediation"]))  # doctest: +NORMALIZE_WHITESPACE
@@ -39,6 +40,8 @@ topic read mw/v1/site/dma-01/gw/gw-1/raw/+
 <BLANKLINE>
 user remediation
 topic write mw/v1/feedback/+
+topic write mw/v1/crews/+/work_orders
+topic write mw/v1/deadletter/+
 topic read mw/v1/alerts/+/+
 <BLANKLINE>
 >>> line = hash_password("s3cret", salt=bytes(12))
@@ -155,7 +158,9 @@ def service_access(role: str) -> Access:
             write=(subscription("alerts"), subscription("dead_letter")),
         )
     if role == "remediation":
-        return Access(read=(subscription("alerts"),), write=(subscription("feedback"),))
+        return Access(read=(subscription("alerts"),),
+                      write=(subscription("feedback"), subscription("crew_work_orders"),
+                             subscription("dead_letter")))
     if role == "models":
         return Access(read=(), write=(subscription("site_model"),))
     msg = f"unknown service account {role!r}; known: {', '.join(SERVICE_ROLES)}"

@@ -3,10 +3,12 @@
 :class:`OutboxSender` polls the ``outbox`` table. MQTT rows are published at QoS1 and marked
 sent once the broker's PUBACK came, so a crash in between sends them again (at-least-once;
 every message carries ids that make it idempotent downstream: ``Feedback`` is keyed by work
-order, ``WorkOrderEvent`` by work order and event). Webhook rows are POSTed as JSON; a failure
-(connection error, time-out, a status other than 2xx) is retried after a capped, jittered
-back-off (:class:`meshwatch.backoff.Backoff`) up to ``webhook_retries`` times, then given up
-and logged (``sent_ms = -1``, ``last_error`` kept).
+order, ``WorkOrderEvent`` by work order and event). A PUBACK with a failure reason code
+(MQTT 5; mosquitto answers "Not authorized" when the account's ACL lacks the topic) is not a
+delivery: the row is kept and retried later, and the log says which topic to allow. Webhook
+rows are POSTed as JSON; a failure (connection error, time-out, a status other than 2xx) is
+retried after a capped, jittered back-off (:class:`meshwatch.backoff.Backoff`) up to
+``webhook_retries`` times, then given up and logged (``sent_ms = -1``, ``last_error`` kept).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import urllib.request
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.publisher import BrokerAddress, apply_address, paho_protocol
 from meshwatch.backoff import Backoff
@@ -26,6 +29,8 @@ from remediation.store import Store
 log = logging.getLogger(__name__)
 
 PUBACK_TIMEOUT_S = 10.0
+REFUSED_RETRY_S = 60.0
+"""A publish the broker refused (ACL) is tried again after this long."""
 WEBHOOK_TIMEOUT_S = 5.0
 
 
@@ -70,6 +75,7 @@ class OutboxSender:
         self.webhooks = 0
         self._stop = threading.Event()
         self._client: mqtt.Client | None = None
+        self._refused: dict[int, ReasonCode] = {}  # mid -> failure reason of its PUBACK
         self._threads = [threading.Thread(target=self._mqtt_loop, name="outbox-mqtt",
                                           daemon=True),
                          threading.Thread(target=self._webhook_loop, name="outbox-webhook",
@@ -83,6 +89,7 @@ class OutboxSender:
             client.reconnect_delay_set(min_delay=1, max_delay=30)
             client.max_inflight_messages_set(1000)
             apply_address(client, self.broker)
+            client.on_publish = self._on_publish
             client.connect_async(self.broker.host, self.broker.port, keepalive=30)
             client.loop_start()
             self._client = client
@@ -110,19 +117,31 @@ class OutboxSender:
                 log.exception("publishing the outbox failed; retrying")
                 self._stop.wait(1.0)
 
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
+                    reason: ReasonCode, properties: object) -> None:
+        if reason.is_failure:
+            self._refused[mid] = reason
+
     def send_mqtt(self, client: mqtt.Client) -> int:
         """Publish one page of pending MQTT rows, mark the PUBACKed ones sent."""
         rows = self.store.pending("mqtt")
-        infos = [(row.id, client.publish(row.topic or "", row.payload, qos=1)) for row in rows]
+        infos = [(row, client.publish(row.topic or "", row.payload, qos=1)) for row in rows]
         done = []
-        for row_id, info in infos:
+        for row, info in infos:
             try:
                 info.wait_for_publish(PUBACK_TIMEOUT_S)
             except (RuntimeError, ValueError) as exc:
-                log.warning("outbox row %d not published: %s", row_id, exc)
+                log.warning("outbox row %d not published: %s", row.id, exc)
                 continue
-            if info.is_published():
-                done.append(row_id)
+            refused = self._refused.pop(info.mid, None)
+            if refused is not None:
+                log.error("the broker refused %s (%s); allow this account to write it "
+                          "(meshwatch broker-config); retrying in %.0f s", row.topic, refused,
+                          REFUSED_RETRY_S)
+                self.store.mark_failed(row.id, f"PUBACK {refused}",
+                                       self.store.clock() + int(REFUSED_RETRY_S * 1000))
+            elif info.is_published():
+                done.append(row.id)
         self.store.mark_sent(done)
         self.published += len(done)
         return len(done)

@@ -10,6 +10,34 @@ first alert of an incident (``inc-``/``wo-`` + a hash of its id), and the schema
 unique keys reject a second incident or work order for it even if the locks were bypassed; a
 transaction that hits them is retried, and then finds the first one's rows.
 
+**Cleared alerts.** A ``cleared`` version of an alert marks the alert cleared. When every
+alert of an incident has cleared, the incident is marked cleared (``cleared_ms``) and its work
+order follows what a dispatcher would do: one that no crew has acknowledged yet (``open`` or
+``assigned``) is cancelled by ``system`` with the audited reason "condition cleared before
+dispatch: ..." and the crew is told (a ``transition`` event on its topic); one a crew has
+acknowledged or started is left to the crew, with a ``cleared`` audit entry ("condition
+cleared after dispatch ...; left to the crew"), because a leak that stops showing in the data
+may still need a repair; a closed one is not touched. While another alert of the incident is
+still active nothing happens. The condition coming back reopens: a new alert joins the
+incident as usual (a cancelled work order is reopened and assigned again, see
+:mod:`remediation.correlate`), and so does a cleared alert that becomes active again (same
+id, status ``open``/``update``); either way ``cleared_ms`` goes back to None. Redelivered
+clears are duplicates and change nothing.
+
+>>> from remediation.db import make_engine, upgrade
+>>> engine = make_engine("sqlite://")
+>>> upgrade(engine)
+>>> store = Store(engine, crews=[Crew("crew-a", ("dma-01",), ("pipes",), 5)])
+>>> leak = dict(alert_id="a-1", device_id="mtr-1", district="dma-01", kind="leak",
+...             severity="minor", score=0.9, first_ts_ms=1767225600000,
+...             last_ts_ms=1767225600000, model_version="m1")
+>>> store.ingest([Incoming(alert=Alert(**leak))]).work_orders  # doctest: +ELLIPSIS
+['wo-...']
+>>> clear = Alert(**(leak | {"status": "cleared", "last_ts_ms": 1767227400000}))
+>>> result = store.ingest([Incoming(alert=clear)])
+>>> result.cleared, result.cancelled, store.list_work_orders()[1][0]["state"]
+(1, 1, 'cancelled')
+
 **Transactional outbox.** Notifications, feedback and dead letters are rows of ``outbox``
 written in the same transaction as the change that caused them, under a unique
 ``dedupe_key``; :mod:`remediation.notify` sends them and marks them sent. So a crash loses
@@ -24,7 +52,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import re
 import threading
 import time
 from collections import Counter
@@ -33,14 +60,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, insert, or_, select, text, update
+from sqlalchemy import Engine, and_, func, or_, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import instance_state
 
 from meshwatch.contract import topics
 from meshwatch.contract.codec import encode
 from meshwatch.contract.events import (
-    ID_PATTERN,
     MAX_TS_MS,
     MIN_TS_MS,
     Alert,
@@ -55,10 +82,12 @@ from remediation import correlate, workorders
 from remediation.assign import Crew, choose_crew
 from remediation.db import (
     AlertRow,
+    Base,
     IncidentRow,
     OutboxRow,
     TransitionRow,
     WorkOrderRow,
+    bulk_insert,
     is_postgres,
     lock_key,
     reader,
@@ -71,18 +100,13 @@ SYSTEM = "system"
 MAX_ALERT_IDS = 200
 """At most this many alert ids go into one event (newest first)."""
 RETRIES = 8
-
-
-def crew_topic(crew_id: str) -> str:
-    """The MQTT topic a crew's notifications go to: ``mw/v1/crews/{crew}/work_orders``.
-
-    >>> crew_topic("crew-north")
-    'mw/v1/crews/crew-north/work_orders'
-    """
-    if not re.fullmatch(ID_PATTERN, crew_id):
-        msg = f"crew id {crew_id!r} must match {ID_PATTERN}"
-        raise ValueError(msg)
-    return f"{topics.PREFIX}/crews/{crew_id}/work_orders"
+DISPATCHABLE = frozenset({"open", "assigned"})
+"""Work-order states in which no crew has acknowledged yet: a clear cancels them."""
+REOPENABLE = frozenset({"false_alarm", "cancelled"})
+"""Final work-order states that new evidence reopens (``resolved`` is final for good)."""
+LOCK_DISTRICTS = text("SELECT count(pg_advisory_xact_lock(k)) "
+                      "FROM unnest(CAST(:keys AS bigint[])) AS k")
+"""PostgreSQL: take the advisory locks of a batch's districts, in the order given."""
 
 
 def derived_id(prefix: str, alert_id: str) -> str:
@@ -118,6 +142,10 @@ class IngestResult:
     joined: int = 0
     escalated: int = 0
     dead_letters: int = 0
+    cleared: int = 0
+    """Incidents whose every alert has now cleared."""
+    cancelled: int = 0
+    """Of those, work orders cancelled because no crew had acknowledged them yet."""
     work_orders: list[str] = field(default_factory=list)
 
 
@@ -197,10 +225,10 @@ class Store:
         alerts = [(item.alert, item.alert.district or item.district)
                   for item in items if item.alert is not None]
         districts = sorted({str(d) for _, d in alerts})
-        if is_postgres(self.engine):
-            for district in districts:
-                session.execute(text("SELECT pg_advisory_xact_lock(:k)"),
-                                {"k": lock_key(f"district:{district}")})
+        if is_postgres(self.engine) and districts:
+            # One round trip; unnest yields the keys in array order (districts sorted).
+            session.execute(LOCK_DISTRICTS, {"keys": [lock_key(f"district:{d}")
+                                                      for d in districts]})
         for item in items:
             if item.dead_letter is not None:
                 result.dead_letters += self._dead_letter(session, item.dead_letter, now)
@@ -227,6 +255,7 @@ class Store:
                 result.stored += 1
             else:
                 result.duplicates += 1
+        batch.settle_clears(result)
         return result
 
     def _dead_letter(self, session: Session, letter: DeadLetter, now: int) -> int:
@@ -255,6 +284,8 @@ class Store:
                now: int, note: str | None = None, alert_ids: list[str] | None = None,
                check: bool = True) -> None:
         """Queue a work-order event for its crew's topic (if any) and the webhook (if on)."""
+        if wo.crew_id is None and not self.settings.webhook:
+            return  # nobody to tell (a new work order before its assignment, webhook off)
         if alert_ids is None:
             alert_ids = self._alert_ids(session, wo.incident_id)
         message = WorkOrderEvent(
@@ -266,7 +297,7 @@ class Store:
         payload = encode(message)
         if wo.crew_id is not None:
             self._queue(session, f"mqtt:{wo.work_order_id}:{event}:{cause}", "mqtt",
-                        crew_topic(wo.crew_id), payload, now, check=check)
+                        topics.crew_work_orders(wo.crew_id), payload, now, check=check)
         if self.settings.webhook:
             self._queue(session, f"webhook:{wo.work_order_id}:{event}:{cause}", "webhook",
                         None, payload, now, check=check)
@@ -304,9 +335,14 @@ class Store:
                     line.encode(), now, check=False)
 
     def _alert_ids(self, session: Session, incident_id: str) -> list[str]:
-        return list(session.scalars(
-            select(AlertRow.alert_id).where(AlertRow.incident_id == incident_id)
-            .order_by(AlertRow.last_ts_ms.desc(), AlertRow.alert_id).limit(MAX_ALERT_IDS)))
+        """Newest first, stored or created in this transaction."""
+        rows = [(-ts, alert_id) for alert_id, ts in session.execute(
+            select(AlertRow.alert_id, AlertRow.last_ts_ms)
+            .where(AlertRow.incident_id == incident_id)
+            .order_by(AlertRow.last_ts_ms.desc(), AlertRow.alert_id).limit(MAX_ALERT_IDS))]
+        rows += [(-row.last_ts_ms, row.alert_id) for row in _created(session, AlertRow)
+                 if row.incident_id == incident_id]
+        return [alert_id for _, alert_id in sorted(set(rows))[:MAX_ALERT_IDS]]
 
     def workload(self, session: Session) -> Counter[str]:
         """Active work orders per crew."""
@@ -567,13 +603,15 @@ class _Batch:
         self.candidates: dict[str, dict[str, correlate.Candidate]] = {d: {} for d in districts}
         self.orders: dict[str, WorkOrderRow] = {}
         self.incidents: dict[str, IncidentRow] = {}
+        self.cleared: dict[str, tuple[str, int]] = {}
+        """Incidents with an alert cleared in this batch -> (alert id, its last_ts_ms)."""
         i, w = IncidentRow, WorkOrderRow
         rows = session.execute(
             select(i.incident_id, i.district, i.device_id, i.kind, i.severity, i.est_loss_lph,
                    i.first_ts_ms, i.last_ts_ms, w.state)
             .join(w, w.incident_id == i.incident_id)
             .where(i.district.in_(districts), i.last_ts_ms >= since_ms - self.window,
-                   or_(i.state == "open", w.state.in_(("false_alarm", "cancelled"))),
+                   or_(i.state == "open", w.state.in_(REOPENABLE)),
                    or_(i.district.in_(wide), i.device_id.is_(None),
                        i.device_id.in_(devices))))
         for iid, district, device, kind, severity, loss, first, last, state in rows:
@@ -602,7 +640,7 @@ class _Batch:
                        last_ts_ms=alert.last_ts_ms, model_version=alert.model_version,
                        evidence=dict(alert.evidence), received_ms=self.now)
         if alert.status.value == "cleared":
-            self.session.add(row)  # a clear we never saw open: recorded, nothing to do
+            _create(self.session, row)  # a clear we never saw open: recorded, nothing to do
             return row
         self._correlate(row, alert, result)  # adds the row once its incident exists
         return row
@@ -610,6 +648,7 @@ class _Batch:
     def update_alert(self, row: AlertRow, alert: Alert, result: IngestResult) -> None:
         before = correlate.Subject(row.district, row.device_id, row.kind, row.severity,
                                    row.est_loss_lph, row.first_ts_ms, row.last_ts_ms)
+        was_cleared = row.status == "cleared"
         row.status = alert.status.value
         row.severity = correlate.merged_severity(row.severity, alert.severity.value)
         row.score = alert.score
@@ -622,12 +661,21 @@ class _Batch:
         if row.incident_id is None:
             return
         incident = self.store_incident(row.incident_id)
-        if incident is None or alert.status.value == "cleared":
+        if incident is None:
             return
-        if incident.state == "closed":  # after the work order ended: recorded, nothing more
-            log.info("alert %s updated after its work order closed", row.alert_id)
+        if alert.status.value == "cleared":
+            self.cleared[incident.incident_id] = (row.alert_id, alert.last_ts_ms)
             return
         subject = _subject(alert, row.district)
+        if incident.state == "closed":
+            _, wo = self._rows(incident.incident_id)
+            if was_cleared and wo.state in REOPENABLE:  # the condition is back
+                self._join(incident, row, subject, escalate=False, reopen=True, result=result,
+                           rule="cleared alert active again", count=False)
+            else:  # after the work order ended: recorded, nothing more
+                log.info("alert %s updated after its work order closed", row.alert_id)
+            return
+        incident.cleared_ms = None
         if correlate.escalates(subject, _candidate(incident, closed=False)) or \
                 subject.severity != before.severity:
             self._join(incident, row, subject, escalate=correlate.escalates(
@@ -636,8 +684,39 @@ class _Batch:
         else:
             incident.last_ts_ms = max(incident.last_ts_ms, alert.last_ts_ms)
 
+    def settle_clears(self, result: IngestResult) -> None:
+        """Apply the clear rule (module doc) to incidents that had an alert cleared."""
+        if not self.cleared:
+            return
+        self.session.flush()
+        active = set(self.session.scalars(
+            select(AlertRow.incident_id).where(AlertRow.incident_id.in_(list(self.cleared)),
+                                               AlertRow.status != "cleared").distinct()))
+        active |= {row.incident_id for row in _created(self.session, AlertRow)
+                   if row.status != "cleared"}
+        for incident_id, (alert_id, ts) in sorted(self.cleared.items()):
+            incident, wo = self._rows(incident_id)
+            if incident_id in active or incident.cleared_ms is not None:
+                continue
+            incident.cleared_ms = self.now
+            result.cleared += 1
+            cleared = (f"all {incident.alert_count} alerts cleared (last {alert_id})"
+                       if incident.alert_count > 1 else f"alert {alert_id} cleared")
+            if wo.state in DISPATCHABLE:
+                why = f"condition cleared before dispatch: {cleared}"
+                self.store.apply(self.session, wo, "cancelled", actor=SYSTEM, reason=why,
+                                 now=self.now, incident=incident)
+                self.store.notify(self.session, wo, "transition", f"clear-{alert_id}-{ts}",
+                                  SYSTEM, self.now, note=why)
+                result.cancelled += 1
+            elif wo.state not in FINAL:
+                _audit(self.session, dict(
+                    work_order_id=wo.work_order_id, event="cleared", from_state=wo.state,
+                    to_state=wo.state, actor=SYSTEM, ts_ms=self.now,
+                    reason=f"condition cleared after dispatch: {cleared}; left to the crew"))
+
     def store_incident(self, incident_id: str) -> IncidentRow | None:
-        return self.session.get(IncidentRow, incident_id)
+        return self.incidents.get(incident_id) or self.session.get(IncidentRow, incident_id)
 
     def _correlate(self, row: AlertRow, alert: Alert, result: IngestResult) -> None:
         subject = _subject(alert, row.district)
@@ -666,9 +745,9 @@ class _Batch:
             critical_customer=critical, first_ts_ms=subject.first_ts_ms,
             last_ts_ms=subject.last_ts_ms, alert_count=1, state="open", created_ms=now,
             updated_ms=now)
-        self.session.add(incident)
+        _create(self.session, incident)
         row.incident_id = correlate_id
-        self.session.add(row)
+        _create(self.session, row)
         prio = workorders.priority(subject.severity, est_loss_lph=subject.est_loss_lph,
                                    critical_customer=critical)
         s = self.store.settings
@@ -679,7 +758,7 @@ class _Batch:
             priority=prio, crew_id=None, skill=correlate.family(subject.kind),
             district=subject.district, device_id=subject.device_id, created_ms=now,
             ack_due_ms=ack_due, resolve_due_ms=resolve_due, escalation_level=0, closures=0)
-        self.session.add(wo)
+        _create(self.session, wo)
         _audit(self.session, dict(work_order_id=wo.work_order_id, event="created",
                                        from_state=None, to_state="open", actor=SYSTEM,
                                        ts_ms=now, reason=f"alert {row.alert_id}"))
@@ -698,7 +777,8 @@ class _Batch:
               count: bool = True) -> None:
         now = self.now
         row.incident_id = incident.incident_id
-        self.session.add(row)
+        _create(self.session, row)
+        incident.cleared_ms = None
         if count:
             incident.alert_count += 1
             result.joined += 1
@@ -717,9 +797,9 @@ class _Batch:
         if reopen and wo.state in FINAL:
             self.store.apply(self.session, wo, "open", actor=SYSTEM, now=now,
                              reason=f"reopened by new evidence: alert {row.alert_id}",
-                             event="reopened")
+                             event="reopened", incident=incident)
             self.store.auto_assign(self.session, wo, self.workload, now,
-                                   f"reopened by alert {row.alert_id}")
+                                   f"reopened by alert {row.alert_id}", incident=incident)
         if escalate:
             prio = workorders.priority(incident.severity, est_loss_lph=incident.est_loss_lph,
                                        critical_customer=incident.critical_customer)
@@ -749,6 +829,26 @@ def _rows_of(session: Session, table: type) -> tuple[list[dict[str, Any]], set[s
     return pending[table]  # type: ignore[no-any-return]
 
 
+def _create(session: Session, row: AlertRow | IncidentRow | WorkOrderRow) -> None:
+    """Insert this new row at commit, in bulk with the batch's others, not by the ORM's flush.
+
+    Rows of an ingest are created and changed in memory (an incident opened by one alert is
+    joined by the next); their INSERTs (``COPY`` on PostgreSQL) are far cheaper than the
+    unit of work's. Such rows stay out of the session: look them up in the batch, not with
+    ``session.get``. A row that was loaded (an alert stored earlier) is left to the flush.
+    """
+    if not instance_state(row).transient:
+        return
+    created: dict[int, Any] = session.info.setdefault("mw_created", {})
+    created.setdefault(id(row), row)
+
+
+def _created(session: Session, table: type) -> list[Any]:
+    """Rows of ``table`` created in this transaction and not inserted yet."""
+    return [row for row in session.info.get("mw_created", {}).values()
+            if isinstance(row, table)]
+
+
 def _audit(session: Session, row: dict[str, Any]) -> None:
     """Queue an audit row (``transitions`` columns); written in bulk at commit, never changed."""
     row.setdefault("reason", None)
@@ -756,11 +856,20 @@ def _audit(session: Session, row: dict[str, Any]) -> None:
 
 
 def _write_rows(session: Session) -> None:
-    """Insert the queued audit and outbox rows: Core bulk inserts, much cheaper than the ORM."""
+    """Insert the rows created in this transaction, audit and outbox rows, in bulk.
+
+    Changes to rows that were loaded go through the ORM's flush; new rows go in with
+    :func:`remediation.db.bulk_insert` (foreign keys are checked at commit).
+    """
     session.flush()
+    created = list(session.info.pop("mw_created", {}).values())
+    for kind in (IncidentRow, WorkOrderRow, AlertRow):
+        table = Base.metadata.tables[kind.__tablename__]
+        bulk_insert(session.connection(), table,
+                    [{column.key: getattr(row, column.key) for column in table.columns}
+                     for row in created if isinstance(row, kind)])
     for table, (rows, keys) in session.info.pop("mw_rows", {}).items():
-        if rows:
-            session.execute(insert(table), rows)
+        bulk_insert(session.connection(), table.__table__, rows)
         keys.clear()
 
 

@@ -258,6 +258,83 @@ def test_service_accounts_are_confined_to_their_topics(
     assert remediation.messages.empty()
 
 
+def test_remediation_writes_feedback_crews_and_dead_letters_and_nothing_else(
+    broker: GeneratedMosquitto, passwords: dict[str, str], clients: list[Client]
+) -> None:
+    dataflow = _connect(clients, broker, "dataflow", passwords["dataflow"])
+    dataflow.subscribe(topics.subscription("feedback"))
+    remediation = _connect(clients, broker, "remediation", passwords["remediation"],
+                           protocol=mqtt.MQTTv5)
+    allowed = [topics.build("feedback", district="dma-01"), topics.crew_work_orders("crew-a"),
+               topics.dead_letter("malformed_json")]
+    forbidden = [topics.alerts("dma-01", "leak"), topics.mesh_telemetry(0),
+                 topics.site_telemetry("dma-01", "gw-1"),
+                 topics.build("site_model", site="dma-01", gateway="gw-1"),
+                 topics.build("bridge_heartbeat", bridge="b1")]
+    mids = {topic: remediation.publish(topic, b"x") for topic in allowed + forbidden}
+    assert dataflow.messages.get(timeout=WAIT_S) == (allowed[0], b"x")
+    for _ in range(int(WAIT_S / 0.05)):
+        if set(mids.values()) <= set(remediation.pubacks):
+            break
+        threading.Event().wait(0.05)
+    codes = {topic: remediation.pubacks[mid].value for topic, mid in mids.items()}
+    # 0x10: accepted, no subscriber (nobody else reads crews and dead letters here)
+    assert {topic: codes[topic] for topic in allowed} == {
+        allowed[0]: 0, allowed[1]: 0x10, allowed[2]: 0x10}
+    assert {codes[topic] for topic in forbidden} == {0x87}, codes
+
+
+def test_the_outbox_sender_delivers_as_remediation_and_keeps_what_the_acl_refuses(
+    broker: GeneratedMosquitto, passwords: dict[str, str], clients: list[Client],
+    tmp_path: Path,
+) -> None:
+    from remediation_support import T0, alert, new_store, wait_for
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from edge_agent.publisher import BrokerAddress
+    from remediation.db import OutboxRow
+    from remediation.notify import OutboxSender
+    from remediation.store import Incoming, dead_letter_for
+
+    store = new_store(f"sqlite:///{tmp_path / 'remediation.db'}")
+    store.ingest([Incoming(alert=alert("a-1", device_id="mtr-1")),  # crew-a is notified
+                  Incoming(dead_letter=dead_letter_for(
+                      b"{", reason="malformed_json", detail="x", topic="t", client_id="c",
+                      received_ms=T0))])
+    (work_order,) = store.list_work_orders()[1]
+    store.transition(work_order["work_order_id"], "false_alarm", actor="crew:crew-a",
+                     role="crew", crew_scope="crew-a")  # feedback to the dataflow
+    spoofed = topics.alerts("dma-01", "leak")  # a topic remediation must never write
+    with store.session() as session:
+        session.add(OutboxRow(dedupe_key="spoof", channel="mqtt", topic=spoofed, payload=b"x",
+                              created_ms=T0, attempts=0, next_attempt_ms=T0))
+    dataflow = _connect(clients, broker, "dataflow", passwords["dataflow"])
+    dataflow.subscribe(topics.subscription("feedback"), topics.subscription("alerts"))
+    sender = OutboxSender(store, BrokerAddress(broker.host, broker.port, "remediation",
+                                               passwords["remediation"]),
+                          client_id="remediation-out-test").start()
+    try:
+        wait_for(lambda: sender.published == 3, what="three rows published")
+
+        def rows() -> dict[str, tuple[int | None, str | None]]:
+            with Session(store.engine) as session:
+                return {row.topic: (row.sent_ms, row.last_error)
+                        for row in session.scalars(select(OutboxRow))}
+
+        wait_for(lambda: rows()[spoofed][1] is not None, what="the refusal recorded")
+    finally:
+        sender.stop()
+        store.engine.dispose()
+    got = rows()
+    assert {topic for topic, (sent, _) in got.items() if sent is not None} == {
+        topics.crew_work_orders("crew-a"), topics.dead_letter("malformed_json"),
+        topics.build("feedback", district="dma-01")}
+    assert got[spoofed] == (None, "PUBACK Not authorized")  # kept, to retry once allowed
+    assert dataflow.messages.get(timeout=WAIT_S)[0] == topics.build("feedback", district="dma-01")
+    assert dataflow.messages.empty()
+
+
 def test_tls_works_with_the_test_ca_and_fails_with_another(
     broker: GeneratedMosquitto, passwords: dict[str, str], pki: Pki, clients: list[Client]
 ) -> None:

@@ -11,7 +11,7 @@ from remediation_support import T0, alert, count, counts, database_url, new_stor
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from meshwatch.contract import Feedback, decode
+from meshwatch.contract import Feedback, WorkOrderEvent, decode
 from remediation.db import OutboxRow, TransitionRow, WorkOrderRow
 from remediation.store import Incoming, NotFoundError, Store
 from remediation.workorders import TransitionError
@@ -246,3 +246,21 @@ def test_an_update_after_the_repair_does_not_touch_the_closed_work_order(store: 
     after = store.work_order(wid)
     assert (after["state"], after["priority"], len(after["audit"])) == (
         "resolved", before["priority"], len(before["audit"]))
+
+
+def test_one_batch_opens_joins_and_escalates_naming_every_alert(store: Store) -> None:
+    """Rows created in a batch are found by the rest of it (they are inserted at commit)."""
+    evidence = {"category": "burst", "flow_lph": [410.5, 1220.0], "night": None}
+    result = _ingest(store, alert("b-1", kind="burst", severity="minor", loss=100.0,
+                                  evidence=evidence),
+                     alert("an-1", device_id="mtr-1", kind="anomaly", loss=None, ts=T0 + 1000),
+                     alert("b-2", kind="burst", severity="critical", loss=2000.0, ts=T0 + 2000))
+    assert (result.incidents, result.joined, result.escalated) == (1, 2, 1)
+    (row,) = [r for r in store.pending("mqtt") if ":escalated:" in r.dedupe_key]
+    assert decode(row.payload, WorkOrderEvent).alert_ids == ["b-2", "an-1", "b-1"]
+    (incident,) = store.incidents()[1]
+    assert (incident["alert_count"], incident["severity"]) == (3, "critical")
+    detail = store.work_order(incident["work_order_id"])
+    assert [t["event"] for t in detail["audit"]] == ["created", "assigned", "escalated"]
+    assert sorted(a["alert_id"] for a in detail["alerts"]) == ["an-1", "b-1", "b-2"]
+    assert detail["alerts"][0]["evidence"] == evidence  # JSON through COPY on PostgreSQL

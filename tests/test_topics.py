@@ -51,3 +51,14 @@ def test_partition_is_stable_and_spreads_devices() -> None:
     assert [topics.partition_of(d, 8) for d in ("mtr-0000001", "dma-01-inlet")] == [4, 1]
     with pytest.raises(ValueError, match="at least 1"):
         topics.partition_of("m", 0)
+
+
+def test_crew_work_orders_topic_is_in_the_contract() -> None:
+    topic = topics.crew_work_orders("crew-north")
+    assert topic == "mw/v1/crews/crew-north/work_orders"
+    assert topics.parse(topic) == topics.Topic("crew_work_orders", {"crew": "crew-north"})
+    assert topics.subscription("crew_work_orders") == "mw/v1/crews/+/work_orders"
+    with pytest.raises(ValueError, match="must match"):
+        topics.crew_work_orders("crew/north")
+    with pytest.raises(ContractError):
+        topics.parse("mw/v1/crews/crew-north/orders")

@@ -18,6 +18,7 @@ topic                                                   carries
 ``mw/v1/mesh/scores/{partition}``                       EdgeScore, cloud mesh, by partition
 ``mw/v1/alerts/{district}/{kind}``                      Alert from the dataflows
 ``mw/v1/feedback/{district}``                           Feedback from remediation
+``mw/v1/crews/{crew}/work_orders``                      WorkOrderEvent to one crew, from remediation
 ``mw/v1/deadletter/{reason}``                           DeadLetter
 ``mw/v1/bridge/{bridge}/heartbeat``                     a bridge's end-to-end liveness probe
 ======================================================  ============================================
@@ -28,6 +29,8 @@ topic                                                   carries
 Topic(kind='mesh_telemetry', params={'partition': '3'})
 >>> partition_of("mtr-000001", 8)
 5
+>>> parse(crew_work_orders("crew-north"))
+Topic(kind='crew_work_orders', params={'crew': 'crew-north'})
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ TEMPLATES: dict[str, str] = {
     "mesh_scores": PREFIX + "/mesh/scores/{partition}",
     "alerts": PREFIX + "/alerts/{district}/{kind}",
     "feedback": PREFIX + "/feedback/{district}",
+    "crew_work_orders": PREFIX + "/crews/{crew}/work_orders",
     "dead_letter": PREFIX + "/deadletter/{reason}",
     "bridge_heartbeat": PREFIX + "/bridge/{bridge}/heartbeat",
 }
@@ -148,6 +152,15 @@ def mesh_telemetry(partition: int) -> str:
 def alerts(district: str, kind: str) -> str:
     """Where the dataflows publish alerts of ``kind`` for ``district``."""
     return build("alerts", district=district, kind=kind)
+
+
+def crew_work_orders(crew: str) -> str:
+    """Where remediation notifies ``crew`` of its work orders (created, assigned, escalated...).
+
+    >>> crew_work_orders("crew-north")
+    'mw/v1/crews/crew-north/work_orders'
+    """
+    return build("crew_work_orders", crew=crew)
 
 
 def dead_letter(reason: str) -> str:
