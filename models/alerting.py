@@ -12,7 +12,10 @@ small track and applies, in this order:
 - **Folding**: a subject whose alert cleared less than ``fold_h`` hours ago (per category:
   ``fold_h_by_category``; a burst an hour after the last one is a new burst) and crosses
   the threshold again re-opens *the same* alert (status ``update``, same id): one incident,
-  one alert.
+  one alert. A district leak's verdict comes once a night, so its alert clears only after
+  a whole night back at the district's baseline (the leak was repaired); a rise on a later
+  night is a new leak and gets its own alert (``fold_h`` 12 hours, less than the 18 hours
+  from a clearing to the next night's verdict).
 - **Fusion**: a category can be suppressed by another on the same subject
   (:attr:`PolicySettings.suppressed_by`): a customer leak does not open while the meter has
   a fault alert open (a stuck register reads a steady flow), and a district leak does not
@@ -99,7 +102,7 @@ class PolicySettings:
         "burst": 0.25})
     fold_h: float = 48.0
     fold_h_by_category: Mapping[str, float] = field(default_factory=lambda: {
-        "burst": 1.0, "silent": 6.0, "clock_skew": 12.0})
+        "burst": 1.0, "silent": 6.0, "clock_skew": 12.0, "network_leak": 12.0})
     update_every_h: float = 24.0
     max_opens_per_day: int = 3
     realert_h: float = 24.0

@@ -3,7 +3,7 @@
 Input: one observation per customer interval (15 minutes) and district: ``flow_lpm``, the
 inlet's mean flow over the interval, and optionally ``customer_flow_lpm``, the sum of the
 district's customer meters over the same interval (already scaled up for meters that did not
-report; see :class:`models.evaluate.DistrictAggregator`). The balance ``flow_lpm -
+report; see :class:`models.water.pipeline.DistrictAggregator`). The balance ``flow_lpm -
 customer_flow_lpm`` is what the network loses: background leakage plus any unreported leak;
 customer use and customer-side leaks cancel out of it.
 
@@ -11,16 +11,31 @@ Each night (``night_start_h``–``night_end_h`` UTC, when use is lowest) the det
 both. When the night ends, each mean is compared with its learned baseline: the minimum
 night flow (MNF) against a baseline per day type (weekday, weekend), the balance against a
 single baseline. The balance decides where it is known (a night flow that rose with the
-customers' own use is not a network loss), the MNF where it is not. Baselines are
-exponentially weighted (``alpha`` per night, so they follow the seasons) and learned only
-from nights that were not flagged; once ``min_nights`` are known, one night moves a baseline
-by at most 4 spreads, so an odd night (a gateway's backlog, a meter's skewed clock) does not
-blunt the detector for weeks. ``z = rise / scale`` with ``scale`` at least
-``relative_floor`` of the baseline; the score is ``0.9 * z / z_alarm`` (the balance uses
-``balance_z_alarm``), and it holds until the next night ends. The estimated loss is the rise
-of the balance (or of the MNF without customer data), in L/h.
+customers' own use is not a network loss), the MNF where it is not. ``z = rise / scale``
+with ``scale`` at least ``relative_floor`` of the baseline, and a night's rise in alarm
+units is ``u = z / z_alarm`` (the balance uses ``balance_z_alarm``).
 
-Per district: 116 bytes of numpy state; about 1.4 KB pickled as one
+- **One night**: ``u >= 1`` alarms at once.
+- **Persistence** (a CUSUM): ``S = clip(S + min(u, 1) - persist_slack, 0, persist_alarm)``
+  adds up rises night after night, so a leak just under the one-night alarm alarms on its
+  second or third night instead of being learned as the new normal. A night that is itself
+  raised (``u >= persist_slack``) scores ``S / persist_alarm`` if that is higher; a night
+  back at the baseline scores its own ``u`` (the leak was repaired).
+- **Odd nights**: a night far below its baseline (``u < -odd_below``: an imputation gone
+  wrong, a partial outage) says nothing about a leak; the verdict holds.
+
+The score is ``0.9 * max(u, persistence)`` and holds until the next night ends. Baselines are
+exponentially weighted (``alpha`` per night, so they follow the seasons) and learned only
+from nights that were not flagged and rose less than ``learn_below`` (so a leak is never
+learned while the evidence for it adds up). They are robust: a night counts as at most
+``learn_clip`` spreads away (Huber; before ``min_nights`` are known, ``warm_clip`` of the
+baseline), so an odd night moves the baseline and its spread a little, never by its own
+size; a level far below the baseline (``relearn_limits`` times that clip) for
+``relearn_nights`` nights in a row becomes the baseline (a leak from before the detector
+started was repaired, or its first nights were odd). The estimated loss is the rise of the
+balance (or of the MNF without customer data), in L/h.
+
+Per district: 136 bytes of numpy state; about 1.8 KB pickled as one
 :class:`DistrictLeakDetector`.
 
 >>> detector = DistrictLeakDetector()
@@ -58,7 +73,15 @@ class DistrictLeakSettings:
     alpha: float = 0.15
     z_alarm: float = 6.0
     balance_z_alarm: float = 5.0
-    relative_floor: float = 0.01
+    relative_floor: float = 0.02
+    persist_slack: float = 0.3
+    persist_alarm: float = 1.0
+    learn_below: float = 0.5
+    learn_clip: float = 2.0
+    warm_clip: float = 0.1
+    odd_below: float = 1.0
+    relearn_limits: float = 2.5
+    relearn_nights: int = 3
     cadence_s: int = 900
     threshold: float = 0.9
 
@@ -83,6 +106,10 @@ class DistrictLeakFleet(FleetDetector):
         "bal_base": (np.float64, 0.0),
         "bal_dev": (np.float64, 0.0),
         "bal_n": (np.int32, 0),
+        "excess": (np.float64, 0.0),
+        "mnf_low_wd": (np.int32, 0),
+        "mnf_low_we": (np.int32, 0),
+        "bal_low": (np.int32, 0),
     }
     INPUTS = ("flow_lpm", "customer_flow_lpm")
     OPTIONAL = ("customer_flow_lpm",)
@@ -115,12 +142,22 @@ class DistrictLeakFleet(FleetDetector):
             1.25 * self.bal_dev[slot], cfg.relative_floor * np.abs(bal_base) + 1e-9), 0.0)
         # where the balance is known it decides: a night flow that rose with the customers'
         # own use (or their leaks) is not a loss of the network
-        score = np.clip(cfg.threshold * np.where(bal_known, z_bal / cfg.balance_z_alarm,
-                                                 z_mnf / cfg.z_alarm), 0.0, 1.0)
-        score = np.where(usable, score, self.verdict[slot])
+        rise = np.where(bal_known, z_bal / cfg.balance_z_alarm, z_mnf / cfg.z_alarm)
+        # a rise that persists adds up night after night (CUSUM), so a leak just under the
+        # one-night alarm is found in a few nights instead of being learned as normal
+        # a night far below its baseline says nothing about a leak (imputation gone wrong,
+        # a partial outage): the verdict holds (the baseline still learns it, clipped)
+        judged = usable & (rise >= -cfg.odd_below)
+        excess = np.where(judged, np.clip(self.excess[slot] + np.minimum(rise, 1.0)
+                                          - cfg.persist_slack, 0.0, cfg.persist_alarm),
+                          self.excess[slot])
+        persistent = np.where(rise >= cfg.persist_slack, excess / cfg.persist_alarm, 0.0)
+        score = np.clip(cfg.threshold * np.maximum(rise, persistent), 0.0, 1.0)
+        score = np.where(judged, score, self.verdict[slot])
         loss = np.where(bal_known, balance - bal_base, mnf - base)
-        loss = np.where(usable, np.maximum(loss, 0.0), self.loss_lpm[slot])
-        return {"score": score, "loss": loss, "usable": usable, "mnf": mnf, "weekend": weekend,
+        loss = np.where(judged, np.maximum(loss, 0.0), self.loss_lpm[slot])
+        return {"score": score, "loss": loss, "usable": usable, "rise": rise, "excess": excess,
+                "mnf": mnf, "weekend": weekend,
                 "balance": balance, "has_balance": has_balance, "z_mnf": z_mnf, "z_bal": z_bal,
                 "mnf_base": base}
 
@@ -158,16 +195,18 @@ class DistrictLeakFleet(FleetDetector):
             verdict = aux["_c_score"][closing]
             self.verdict[done] = verdict
             self.loss_lpm[done] = aux["_c_loss"][closing]
-            learn = usable & (verdict < cfg.threshold)
+            self.excess[done] = aux["_c_excess"][closing]
+            learn = usable & (verdict < cfg.threshold) & (aux["_c_rise"][closing]
+                                                          < cfg.learn_below)
             weekend = aux["_c_weekend"][closing]
             mnf = aux["_c_mnf"][closing]
             for flag, suffix in ((False, "wd"), (True, "we")):
                 pick = learn & (weekend == flag)
                 self._ew(done[pick], mnf[pick], f"mnf_base_{suffix}", f"mnf_dev_{suffix}",
-                         f"mnf_n_{suffix}")
+                         f"mnf_n_{suffix}", f"mnf_low_{suffix}")
             pick = learn & aux["_c_has_balance"][closing]
             self._ew(done[pick], aux["_c_balance"][closing][pick], "bal_base", "bal_dev",
-                     "bal_n")
+                     "bal_n", "bal_low")
         in_night = aux["_in_night"]
         fresh = in_night & (self.night_id[slot] != aux["_day"])
         flow, customers = cols["flow_lpm"], cols["customer_flow_lpm"]
@@ -195,22 +234,35 @@ class DistrictLeakFleet(FleetDetector):
             getattr(self, name)[slot] += rise
         self.verdict[slot] = 0.0
         self.loss_lpm[slot] = 0.0
+        self.excess[slot] = 0.0
 
     def _ew(self, target: np.ndarray, value: np.ndarray, base_name: str, dev_name: str,
-            n_name: str) -> None:
+            n_name: str, low_name: str) -> None:
         base, dev, n = getattr(self, base_name), getattr(self, dev_name), getattr(self, n_name)
+        low = getattr(self, low_name)
         a = self.settings.alpha
         first = n[target] == 0
         old = base[target]
-        # once known, a night moves the baseline by at most 4 spreads (robust to outliers)
-        limit = np.where(n[target] >= self.settings.min_nights,
-                         4 * np.maximum(1.25 * dev[target],
-                                        self.settings.relative_floor * np.abs(old) + 1e-9),
-                         np.inf)
+        raw = value
+        # a night counts as at most ``learn_clip`` spreads away (Huber; before the spread is
+        # known, ``warm_clip`` of the baseline): an odd night moves the baseline and the
+        # spread a little, never by its own size
+        cfg = self.settings
+        limit = np.where(n[target] >= cfg.min_nights,
+                         cfg.learn_clip * np.maximum(1.25 * dev[target],
+                                                     cfg.relative_floor * np.abs(old)),
+                         np.where(first, np.inf, cfg.warm_clip * np.abs(old))) + 1e-9
         value = old + np.clip(value - old, -limit, limit)
         dev[target] = np.where(first, 0.0, (1 - a) * dev[target] + a * np.abs(value - old))
         base[target] = np.where(first, value, (1 - a) * old + a * value)
         n[target] += 1
+        # a level far below the baseline for ``relearn_nights`` nights in a row is the new
+        # baseline (a leak from before was repaired, or the first nights were odd)
+        far = raw - old < -cfg.relearn_limits * limit
+        low[target] = np.where(far, low[target] + 1, 0)
+        anchor = target[low[target] >= cfg.relearn_nights]
+        base[anchor] = raw[low[target] >= cfg.relearn_nights]
+        low[anchor] = 0
 
 
 class DistrictLeakDetector(ColumnarDetector):

@@ -92,10 +92,14 @@ class DistrictAggregator:
     Interval ``k`` holds readings stamped in ``(k * 15 min, (k + 1) * 15 min]`` (readings are
     stamped at the end of their interval). An interval closes once the watermark is
     ``hold_ms`` past its end; readings for a closed interval are counted in :attr:`late` and
-    left out. A meter that did not report for a closed interval is imputed with its own
+    left out. A meter that did not report for a closed interval (one bit per meter and
+    interval of the last 64 says whether it did) is imputed with its own
     recent flow (an exponentially weighted mean, ``alpha`` per reading), so a big consumer
-    off the network does not look like a leak; the customer sum is given only when at least
-    ``min_coverage`` of the district's meters reported.
+    off the network does not look like a leak; in the night hours (``night_h``, UTC) with
+    its own mean of night readings instead, since a night's use is a fraction of the day's
+    and a gateway outage at night would otherwise add the meters' evening use to the
+    balance. The customer sum is given only when at least ``min_coverage`` of the
+    district's meters reported.
 
     >>> agg = DistrictAggregator(np.array([0, 0, 0]), districts=1, hold_ms=0, min_coverage=0.5)
     >>> agg.add_customers(np.array([0, 1, 2]), np.array([900_000] * 3), np.array([1., 2., 3.]))
@@ -108,16 +112,20 @@ class DistrictAggregator:
     """
 
     def __init__(self, meter_district: np.ndarray, districts: int, hold_ms: int = 3_600_000,
-                 ring: int = 192, min_coverage: float = 0.8, alpha: float = 0.05) -> None:
+                 ring: int = 192, min_coverage: float = 0.8, alpha: float = 0.05,
+                 night_h: tuple[float, float] = (1.0, 5.0)) -> None:
         self.meter_district = np.asarray(meter_district, np.int64)
         self.meters = np.bincount(self.meter_district, minlength=districts).astype(np.float64)
         self.hold_ms = hold_ms
         self.min_coverage = min_coverage
         self.alpha = alpha
+        self.night_h = night_h
         self._ring = ring
         self._interval = np.full((districts, ring), -1, np.int64)
         self._sums = np.zeros((4, districts, ring))  # inlet sum, n, customer sum, n
         self._recent = np.zeros(len(self.meter_district))
+        self._night = np.full(len(self.meter_district), np.nan)  # NaN: no night seen yet
+        self._reported = np.zeros(len(self.meter_district), np.uint64)  # bit k % 64: k open
         self._last_k = np.full(len(self.meter_district), -1, np.int64)
         self._closed_before = -1  # intervals below this index are closed
         self.late = 0
@@ -151,7 +159,18 @@ class DistrictAggregator:
         a = self.alpha
         fresh = self._last_k[meter] < 0
         self._recent[meter] = np.where(fresh, flow, (1 - a) * self._recent[meter] + a * flow)
+        night = self._is_night(k)
+        old = self._night[meter[night]]
+        self._night[meter[night]] = np.where(np.isnan(old), flow[night],
+                                             (1 - a) * old + a * flow[night])
         np.maximum.at(self._last_k, meter, k)
+        ok = k >= self._closed_before
+        np.bitwise_or.at(self._reported, meter[ok], np.left_shift(
+            np.uint64(1), (k[ok] % 64).astype(np.uint64)))
+
+    def _is_night(self, k: np.ndarray) -> np.ndarray:
+        hour = (np.asarray(k) % (86_400_000 // INTERVAL_MS)) * INTERVAL_MS / 3_600_000
+        return (hour >= self.night_h[0]) & (hour < self.night_h[1])
 
     def close(self, watermark_ms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Close every interval ending at least ``hold_ms`` before the watermark.
@@ -164,18 +183,28 @@ class DistrictAggregator:
         if self._closed_before < 0 or upto <= self._closed_before:
             return empty
         first = max(self._closed_before, upto - self._ring)
+        if first - self._closed_before >= 64:
+            self._reported[:] = 0
+        else:
+            for k in range(self._closed_before, first):
+                self._reported &= ~np.left_shift(np.uint64(1), np.uint64(k % 64))
         self._closed_before = int(upto)
         parts = []
         d = len(self.meters)
         for k in range(first, int(upto)):
+            bit = np.left_shift(np.uint64(1), np.uint64(k % 64))
+            missing = (self._last_k >= 0) & ((self._reported & bit) == 0)
+            self._reported &= ~bit  # from now on the bit is interval k + 64's
             pos = k % self._ring
             valid = (self._interval[:, pos] == k) & (self._sums[1][:, pos] > 0)
             if not valid.any():
                 continue
             districts = np.flatnonzero(valid)
             inlet = self._sums[0][districts, pos] / self._sums[1][districts, pos]
-            missing = (self._last_k < k) & (self._last_k >= 0)
-            imputed = np.bincount(self.meter_district[missing], self._recent[missing],
+            typical = self._recent
+            if self._is_night(np.array([k]))[0]:
+                typical = np.where(np.isnan(self._night), self._recent, self._night)
+            imputed = np.bincount(self.meter_district[missing], typical[missing],
                                   minlength=d)[districts]
             reported = self._sums[3][districts, pos]
             coverage = reported / np.maximum(self.meters[districts], 1)
@@ -228,6 +257,7 @@ class PipelineSettings:
     silence: SilenceSettings = field(default_factory=SilenceSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     district_hold_ms: int = 3_600_000
+    balance_fault_hold_ms: int = 48 * 3_600_000
 
 
 class WaterPipeline:
@@ -247,10 +277,12 @@ class WaterPipeline:
         if len(customers) and customers[-1] != len(customers) - 1:
             msg = "customer meters must be the first device slots (0 .. customers-1)"
             raise ValueError(msg)
+        night = (cfg.district_leak.night_start_h, cfg.district_leak.night_end_h)
         self.aggregator = DistrictAggregator(layout.district_of[customers], districts=d,
-                                             hold_ms=cfg.district_hold_ms)
+                                             hold_ms=cfg.district_hold_ms, night_h=night)
         self.drift = {category: ScoreDrift() for category in CATEGORIES}
         self.last_seen = np.zeros(n, np.int64)
+        self._fault_until = np.zeros(n, np.int64)
         self.max_ts = 0
         self._district_names = np.array(layout.district_ids, dtype=object)
         self._device_district = self._district_names[layout.district_of]
@@ -280,8 +312,13 @@ class WaterPipeline:
         faults = self.faults.process(device, cols)
         if self.score_log is not None:
             self.score_log.append((device, ts, np.maximum(leak.score, faults.score)))
-        # the district balance takes each reading once, and none that a fault flagged
-        usable = faults.fresh & (faults.score < self.faults.threshold)
+        # the district balance takes each reading once, and none of a meter whose readings a
+        # fault flagged in the last ``balance_fault_hold_ms`` (spikes come in runs, and a
+        # stuck register is flagged long after it stuck): it is imputed meanwhile
+        flagged = faults.fresh & (faults.score >= self.faults.threshold)
+        np.maximum.at(self._fault_until, device[flagged],
+                      ts[flagged] + self.settings.balance_fault_hold_ms)
+        usable = faults.fresh & ~flagged & (ts > self._fault_until[device])
         self.aggregator.add_customers(device[usable], ts[usable], flow[usable])
         clock = faults.evidence["fault"] == CLOCK_FAULT
         alerts = self._policy("sensor_fault", device, ts, Scored(
