@@ -90,14 +90,14 @@ from typing import Any
 
 import numpy as np
 
-from dataflows.district_balance import BalanceRow, DistrictBalance
 from dataflows.ordering import Kind, shard_of
-from dataflows.records import ShardOutput
+from dataflows.records import BalanceRow, ShardOutput
 from meshwatch.contract.events import Alert, Feedback
 from models.feedback import FeedbackApplier
 from models.water.pipeline import (
     CUSTOMER,
     DISTRICT_METER,
+    INTERVAL_MS,
     PUMP_STATION,
     FleetLayout,
     PipelineSettings,
@@ -322,15 +322,17 @@ class DistrictState:
         self._feedback_waiting: list[Feedback] = []
         """Feedback stamped after the watermark, by (event time, work order)."""
         self._work_orders: set[str] = set()
-        self.balance = DistrictBalance(len(layout.device_ids))
-        self._balance_rows: list[BalanceRow] = []
+        self.pipeline.balance_log = []
+        self._pressure: dict[int, tuple[float, int]] = {}
+        """Inlet pressure (sum, count) per 15-minute interval index, until its row closes."""
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a snapshot, also one taken before feedback waited for its event time."""
         state.setdefault("_feedback_waiting", [])
         state.setdefault("_work_orders", set())
-        state.setdefault("balance", DistrictBalance(len(state["pipeline"].layout.device_ids)))
-        state.setdefault("_balance_rows", [])
+        state.setdefault("_pressure", {})
+        if state["pipeline"].balance_log is None:
+            state["pipeline"].balance_log = []
         state["counts"] = dict.fromkeys(COUNTERS, 0) | state["counts"]
         self.__dict__.update(state)
 
@@ -353,8 +355,30 @@ class DistrictState:
         return out
 
     def drain_balance(self) -> list[BalanceRow]:
-        """The district's water balance rows closed since the last call (``mw_district``)."""
-        rows, self._balance_rows = self._balance_rows, []
+        """The district water balance the leak detector saw, closed since the last call.
+
+        One row per 15-minute interval (``mw_district``), stamped at the interval's start: the
+        inlet's mean flow, the customers' flow (:class:`models.water.pipeline.DistrictAggregator`:
+        missing meters imputed; None below its coverage), their difference, and the inlet's
+        mean pressure.
+        """
+        log = self.pipeline.balance_log
+        if not log:
+            return []
+        rows = []
+        for _, ends, inlets, customers in log:
+            for end, inlet, customer in zip(ends.tolist(), inlets.tolist(), customers.tolist(),
+                                            strict=True):
+                known = customer == customer  # not NaN
+                total, n = self._pressure.pop(end // INTERVAL_MS - 1, (0.0, 0))
+                rows.append(BalanceRow(end - INTERVAL_MS, inlet, customer if known else None,
+                                       inlet - customer if known else None,
+                                       total / n if n else None))
+        log.clear()
+        if rows:  # pressure of intervals that closed without a row (late inlet readings)
+            oldest = rows[-1].start_ms // INTERVAL_MS
+            for k in [k for k in self._pressure if k < oldest]:
+                del self._pressure[k]
         return rows
 
     @property
@@ -515,9 +539,6 @@ class DistrictState:
     def _tick(self) -> list[Alert]:
         assert self.next_tick is not None
         alerts = self.pipeline.tick(self.next_tick)
-        row = self.balance.close(self.next_tick)
-        if row is not None:
-            self._balance_rows.append(row)
         self.next_tick += TICK_MS
         self.counts["ticks"] += 1
         return alerts
@@ -526,7 +547,6 @@ class DistrictState:
         if not len(chunk):
             return []
         self.counts["fed"] += len(chunk)
-        self.balance.add(chunk.kind, chunk.slot, chunk.flow, chunk.pressure)
         alerts: list[Alert] = []
         pipeline = self.pipeline
         customers = chunk.kind == CUSTOMER
@@ -536,6 +556,7 @@ class DistrictState:
                 {"flow_lpm": chunk.flow[customers], "battery_v": chunk.battery[customers]})
         inlets = chunk.kind == DISTRICT_METER
         if inlets.any():
+            self._add_pressure(chunk.ts[inlets], chunk.pressure[inlets])
             alerts += pipeline.inlet_readings(
                 chunk.slot[inlets], chunk.ts[inlets],
                 {"flow_lpm": chunk.flow[inlets], "pressure_bar": chunk.pressure[inlets]})
@@ -543,3 +564,12 @@ class DistrictState:
         if others.any():
             pipeline.other_readings(chunk.slot[others], chunk.ts[others])
         return alerts
+
+    def _add_pressure(self, ts: np.ndarray, pressure: np.ndarray) -> None:
+        known = np.isfinite(pressure)
+        intervals, index = np.unique((ts[known] - 1) // INTERVAL_MS, return_inverse=True)
+        sums = np.bincount(index, pressure[known])
+        counts = np.bincount(index)
+        for k, total, n in zip(intervals.tolist(), sums.tolist(), counts.tolist(), strict=True):
+            before, seen = self._pressure.get(k, (0.0, 0))
+            self._pressure[k] = (before + total, seen + n)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dataflows.district_balance import BalanceRow
 from dataflows.ordering import Released
 from meshwatch.contract.events import Alert
 
-__all__ = ["DistrictOutput", "ShardOutput"]
+__all__ = ["BalanceRow", "DistrictOutput", "ShardOutput"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +29,24 @@ class ShardOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class BalanceRow:
+    """One district and 15-minute interval of its water balance (``None``: not known)."""
+
+    start_ms: int
+    inlet_flow_lpm: float
+    customer_flow_lpm: float | None
+    balance_lpm: float | None
+    pressure_bar: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class DistrictOutput:
     """What one district's detection step produced in one call, with its counters.
 
     ``alerts`` are contract alerts in the order the district's pipeline raised them;
     ``scores`` the ``(device, ts_ms, score)`` of the readings scored (when kept);
-    ``balance`` the district's water balance rows closed (:mod:`dataflows.district_balance`);
+    ``balance`` the district's water balance rows closed (:meth:`DistrictState.drain_balance
+    <dataflows.detection.DistrictState.drain_balance>`);
     ``counts`` are :data:`dataflows.detection.COUNTERS`, stamped with wall-clock ``stats_ms``
     (strictly increasing per district) like a shard's.
     """

@@ -25,9 +25,10 @@ overwrites what it wrote before:
   (``forwarded``: stored, in order or late; readings waiting for the watermark are in neither).
 - ``mw_detect,district=X <counter>=Ni,...,watermark_ms=Ni <wall ms>``: a district's detection
   counters (:data:`dataflows.detection.COUNTERS`), stamped the same way.
-- ``mw_district,district=X inlet_flow_lpm=…,customer_flow_lpm=…,balance_lpm=…,pressure_bar=…,
-  meters_reporting=Ni <interval start ms>``: the district's water balance per 15 minutes of
-  event time (:mod:`dataflows.district_balance`; a value nobody reported is left out).
+- ``mw_district,district=X inlet_flow_lpm=…,customer_flow_lpm=…,balance_lpm=…,pressure_bar=…
+  <interval start ms>``: the water balance the district leak detector saw, per 15 minutes of
+  event time (:meth:`dataflows.detection.DistrictState.drain_balance`; a value not known is
+  left out).
 
 VictoriaMetrics names them ``<measurement>_<field>`` (``mw_telemetry_flow_lpm``).
 
@@ -59,9 +60,8 @@ from dataclasses import dataclass
 
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
-from dataflows.district_balance import BalanceRow
 from dataflows.ordering import DeviceSilent, Kind, Point
-from dataflows.records import DistrictOutput, ShardOutput
+from dataflows.records import BalanceRow, DistrictOutput, ShardOutput
 from meshwatch.contract.events import Alert, AlertStatus, EdgeScore
 from meshwatch.contract.measurements import DISTRICT, LEDGER
 from meshwatch.tsdb import LineWriter

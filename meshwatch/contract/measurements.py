@@ -151,12 +151,12 @@ WORK_ORDERS = Measurement(
 DISTRICT = Measurement(
     "mw_district", ("district",),
     {"inlet_flow_lpm": "float", "customer_flow_lpm": "float", "balance_lpm": "float",
-     "pressure_bar": "float", "meters_reporting": "int"},
-    _SINK + ", from the detection step (dataflows/district_balance.py)",
+     "pressure_bar": "float"},
+    _SINK + ", from the detection step (the district leak detector's input)",
     "Per district and 15 minutes of event time, stamped at the interval's start: inlet "
-    "flow, the sum of its customer meters' mean flows, the balance (inlet - customers), the "
-    "inlet pressure and how many customer meters reported. mw_telemetry carries no district "
-    "tag, so this is what the district dashboard reads.")
+    "flow, the sum of its customer meters (missing meters imputed; left out below 80 % "
+    "coverage), the balance (inlet - customers) and the inlet pressure. mw_telemetry "
+    "carries no district tag, so this is what the district dashboard reads.")
 BRIDGE = Measurement(
     "mw_bridge", ("bridge",),
     {"messages_in": "int", "readings_in": "int", "readings_forwarded": "int",

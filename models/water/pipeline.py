@@ -291,6 +291,11 @@ class WaterPipeline:
         """When a list, each scored block of readings appends ``(device slots, ts, score)``
         (a customer meter's score is the higher of its leak and fault scores, an inlet's its
         burst score): the dataflow writes them as ``mw_score``. None: not kept."""
+        self.balance_log: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None = None
+        """When a list, every tick appends the district intervals it closed, as
+        :meth:`DistrictAggregator.close` gives them to the district leak detector
+        ``(district slots, interval end ms, inlet flow, customer flow or NaN)``: the dataflow
+        writes them as ``mw_district``. None: not kept."""
 
     def _seen(self, device: np.ndarray, ts: np.ndarray) -> None:
         np.maximum.at(self.last_seen, device, ts)
@@ -357,6 +362,8 @@ class WaterPipeline:
         alerts: list[Alert] = []
         district, end, inlet, customers = self.aggregator.close(watermark_ms)
         if len(district):
+            if self.balance_log is not None:
+                self.balance_log.append((district, end, inlet, customers))
             scored = self.district_leak.process(district, {
                 "ts_ms": end, "flow_lpm": inlet, "customer_flow_lpm": customers})
             alerts += self._policy("network_leak", district, end, scored, districts=True)
