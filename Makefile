@@ -33,6 +33,8 @@ bench: $(VENV)/.dev-installed servers
 	$(BIN)/python bench/bench_bridge_core.py
 	$(BIN)/python bench/bench_bridge.py
 	$(BIN)/python bench/bench_flow.py
+	$(BIN)/python bench/bench_flow_memory.py
+	$(BIN)/python bench/bench_latency.py
 	$(BIN)/python bench/bench_remediation.py
 	$(BIN)/python bench/bench_generic_detector.py
 	$(BIN)/python bench/bench_water_detectors.py

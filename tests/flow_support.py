@@ -36,6 +36,7 @@ from dataflows.ordering import COUNTERS, Kind, OrderSettings, ShardState, shard_
 from meshwatch.contract import (
     Alert,
     AlertKind,
+    Feedback,
     Reading,
     Severity,
     TelemetryBatch,
@@ -306,6 +307,13 @@ class FlowProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def rss_mb(self) -> float:
+        """The flow process's resident set size now, in MB (``VmRSS`` of /proc)."""
+        assert self.proc is not None, "the flow is not running: start() it first"
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(kb) / 1024
+
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -367,3 +375,58 @@ def dead_letter_watch(cloud: Mosquitto) -> Iterator[DeadLetters]:
         yield watch
     finally:
         watch.close()
+
+
+class AlertWatch:
+    """A QoS1 subscriber to ``mw/v1/alerts/#``, decoding every alert it gets."""
+
+    def __init__(self, cloud) -> None:
+        self.alerts: list[Alert] = []
+        self.topics: list[str] = []
+        self._lock = threading.Lock()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="alert-watch",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.connect(cloud.host, cloud.port)
+        self.client.loop_start()
+        self.client.subscribe(topics.subscription("alerts"), qos=1)
+        assert subscribed.wait(10)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        alert = decode(msg.payload, Alert)
+        with self._lock:
+            self.alerts.append(alert)
+            self.topics.append(msg.topic)
+
+    def distinct(self) -> list[Alert]:
+        with self._lock:
+            return list({(a.alert_id, a.status, a.last_ts_ms): a for a in self.alerts}.values())
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publish_feedback(cloud, feedback: Feedback, alerts: list[Alert]) -> None:
+    """Publish a crew's feedback to the district of the alert it names, at QoS1."""
+    district = next(a.district for a in alerts if a.alert_id == feedback.alert_ids[0])
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect(cloud.host, cloud.port)
+    client.loop_start()
+    client.publish(topics.build("feedback", district=district), encode(feedback),
+                   qos=1).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+def detect_counts(vm) -> dict[str, int]:
+    """The newest ``mw_detect`` counters, summed over districts."""
+    vm.force_flush()
+    totals: dict[str, int] = defaultdict(int)
+    for name in ("fed", "behind", "waiting", "feedback"):
+        for series in vm.export(f'{{__name__="mw_detect_{name}"}}'):
+            totals[name] += int(max(zip(series["timestamps"], series["values"],
+                                        strict=True))[1])
+    return dict(totals)

@@ -8,14 +8,11 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from bridge_support import DEVICES, spawn_bridge, write_config
+from bridge_support import DEVICES, create_site_session, spawn_bridge, write_config
 from mqtt_ledger import Ledger, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from servers import Mosquitto, VictoriaMetrics
 
-from mesh_bridge.shell import SITE_KINDS
 from meshwatch.contract import DeviceStatus, Reading, TelemetryBatch, encode, topics
 
 pytestmark = pytest.mark.timeout(90)
@@ -37,21 +34,6 @@ def newest(vm: VictoriaMetrics, match: str) -> tuple[int, float] | None:
 def value(vm: VictoriaMetrics, match: str) -> float | None:
     sample = newest(vm, match)
     return None if sample is None else sample[1]
-
-
-def create_site_session(site: Mosquitto, client_id: str) -> None:
-    """The bridge's persistent session on the site broker, so what is published now waits."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    properties.SessionExpiryInterval = 3600
-    client.connect(site.host, site.port, clean_start=False, properties=properties)
-    acked: set[int] = set()
-    client.on_subscribe = lambda _c, _u, mid, *_: acked.add(mid)
-    client.loop_start()
-    subscribed = [client.subscribe(topics.subscription(kind), qos=1)[1] for kind in SITE_KINDS]
-    wait_until(lambda: set(subscribed) <= acked, timeout=10, what="SUBACKs")
-    client.disconnect()
-    client.loop_stop()
 
 
 def test_the_bridge_writes_its_ledger_and_heartbeats_and_never_waits_for_the_tsdb(

@@ -28,10 +28,13 @@ from detect_support import alert_keys, eval_settings, mesh_load, write_fleet_reg
 from flow_support import (
     CLIENT_ID,
     PARTITIONS,
+    AlertWatch,
     FlowProcess,
     Load,
     create_sessions,
+    detect_counts,
     publish,
+    publish_feedback,
     wait_for,
     write_config,
 )
@@ -43,7 +46,6 @@ from meshwatch.contract import (
     EdgeScore,
     Feedback,
     Outcome,
-    decode,
     encode,
     topics,
 )
@@ -73,38 +75,6 @@ def fleet() -> tuple[object, list[Alert], Load, Feedback, list[Alert]]:
     return settings, run.alerts, load, feedback, cleared
 
 
-class AlertWatch:
-    """A QoS1 subscriber to ``mw/v1/alerts/#``, decoding every alert it gets."""
-
-    def __init__(self, cloud) -> None:
-        self.alerts: list[Alert] = []
-        self.topics: list[str] = []
-        self._lock = threading.Lock()
-        subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="alert-watch",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.connect(cloud.host, cloud.port)
-        self.client.loop_start()
-        self.client.subscribe(topics.subscription("alerts"), qos=1)
-        assert subscribed.wait(10)
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        alert = decode(msg.payload, Alert)
-        with self._lock:
-            self.alerts.append(alert)
-            self.topics.append(msg.topic)
-
-    def distinct(self) -> list[Alert]:
-        with self._lock:
-            return list({(a.alert_id, a.status, a.last_ts_ms): a for a in self.alerts}.values())
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def vm_alerts(vm) -> list[tuple[object, ...]]:
     """``(device, district, kind, severity, status, last_ts_ms, score)`` of each mw_alert point."""
     vm.force_flush()
@@ -130,18 +100,6 @@ def vm_scores(vm) -> dict[tuple[str, int], list[float]]:
 def want_vm(alerts: list[Alert]) -> list[tuple[object, ...]]:
     return sorted({(a.device_id or "", a.district, a.kind.value, a.severity.value, a.status.value,
                     a.last_ts_ms, round(a.score, 6)) for a in alerts})
-
-
-def publish_feedback(cloud, feedback: Feedback, alerts: list[Alert]) -> None:
-    """Publish a crew's feedback to the district of the alert it names, at QoS1."""
-    district = next(a.district for a in alerts if a.alert_id == feedback.alert_ids[0])
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect(cloud.host, cloud.port)
-    client.loop_start()
-    client.publish(topics.build("feedback", district=district), encode(feedback),
-                   qos=1).wait_for_publish(10)
-    client.disconnect()
-    client.loop_stop()
 
 
 def publish_edge_scores(cloud, alerts: list[Alert]) -> dict[tuple[str, int], float]:
@@ -172,17 +130,6 @@ def vm_edge_scores(vm) -> dict[tuple[str, int], float]:
     return {(series["metric"]["device"], ts): value
             for series in vm.export('{__name__="mw_edge_score_score"}')
             for ts, value in zip(series["timestamps"], series["values"], strict=True)}
-
-
-def detect_counts(vm) -> dict[str, int]:
-    """The newest ``mw_detect`` counters, summed over districts."""
-    vm.force_flush()
-    totals: dict[str, int] = defaultdict(int)
-    for name in ("fed", "behind", "waiting", "feedback"):
-        for series in vm.export(f'{{__name__="mw_detect_{name}"}}'):
-            totals[name] += int(max(zip(series["timestamps"], series["values"],
-                                        strict=True))[1])
-    return dict(totals)
 
 
 def flow_config(tmp_path, cloud, victoria_metrics, fleet_settings, **flow):

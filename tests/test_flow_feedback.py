@@ -33,10 +33,12 @@ from detect_support import RoundTheClockTown, alert_keys
 from flow_support import (
     CLIENT_ID,
     PARTITIONS,
+    AlertWatch,
     FlowProcess,
     Load,
     create_sessions,
     publish,
+    publish_feedback,
     wait_for,
     write_config,
     write_registry,
@@ -44,7 +46,6 @@ from flow_support import (
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from test_flow_alerts import AlertWatch, publish_feedback
 
 from meshwatch.contract import Alert, AlertStatus, Feedback, Outcome, topics
 
