@@ -566,10 +566,8 @@ class DistrictState:
         return alerts
 
     def _add_pressure(self, ts: np.ndarray, pressure: np.ndarray) -> None:
-        known = np.isfinite(pressure)
-        intervals, index = np.unique((ts[known] - 1) // INTERVAL_MS, return_inverse=True)
-        sums = np.bincount(index, pressure[known])
-        counts = np.bincount(index)
-        for k, total, n in zip(intervals.tolist(), sums.tolist(), counts.tolist(), strict=True):
-            before, seen = self._pressure.get(k, (0.0, 0))
-            self._pressure[k] = (before + total, seen + n)
+        for stamp, value in zip(ts.tolist(), pressure.tolist(), strict=True):
+            if value == value:  # not NaN
+                k = (stamp - 1) // INTERVAL_MS
+                total, n = self._pressure.get(k, (0.0, 0))
+                self._pressure[k] = (total + value, n + 1)
