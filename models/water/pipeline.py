@@ -45,7 +45,12 @@ from models.water.base import Scored
 from models.water.burst import BurstFleet, BurstSettings
 from models.water.customer_leak import CustomerLeakFleet, CustomerLeakSettings
 from models.water.district_leak import DistrictLeakFleet, DistrictLeakSettings
-from models.water.sensor_faults import FAULT_NAMES, SensorFaultFleet, SensorFaultSettings
+from models.water.sensor_faults import (
+    FAULT_NAMES,
+    SensorFaultFleet,
+    SensorFaultSettings,
+    profile_slot,
+)
 from models.water.silence import SilenceFleet, SilenceSettings
 
 CUSTOMER, DISTRICT_METER, PUMP_STATION = 0, 1, 2
@@ -219,6 +224,44 @@ class DistrictAggregator:
         return columns[0], columns[1], columns[2], columns[3]
 
 
+class DistrictDemand:
+    """Each district's customer flow against its baseline for the hour and day type.
+
+    :meth:`update` takes the intervals :meth:`DistrictAggregator.close` gives; :attr:`ratio`
+    is, per district, its last closed interval's customer flow over the baseline for that
+    hour of the day (weekdays and weekends apart: :func:`profile_slot`), NaN until both are
+    known. The baseline is an exponentially weighted mean (``alpha`` per interval of its slot)
+    learned from intervals at ``learn_above`` of it or more, so a district that is down is
+    not learned as normal. The sensor-fault detector reads the ratio as
+    ``district_demand_ratio``.
+
+    >>> demand = DistrictDemand(districts=1)
+    >>> day = 86_400_000
+    >>> for i in range(14):  # two weeks at 100 L/min at 08:00
+    ...     demand.update(np.array([0]), np.array([i * day + 8 * 3_600_000]), np.array([100.0]))
+    >>> demand.update(np.array([0]), np.array([14 * day + 8 * 3_600_000]), np.array([20.0]))
+    >>> demand.ratio.tolist()
+    [0.2]
+    """
+
+    def __init__(self, districts: int, alpha: float = 0.1, learn_above: float = 0.5) -> None:
+        self.alpha = alpha
+        self.learn_above = learn_above
+        self._baseline = np.full((districts, 48), np.nan)
+        self.ratio = np.full(districts, np.nan)
+
+    def update(self, district: np.ndarray, end_ms: np.ndarray, customers: np.ndarray) -> None:
+        """Take closed intervals (in time order): update :attr:`ratio`, then the baselines."""
+        for d, slot, flow in zip(district.tolist(), profile_slot(end_ms).tolist(),
+                                 customers.tolist(), strict=True):
+            base = self._baseline[d, slot]
+            self.ratio[d] = flow / base if base > 0 else np.nan  # NaN flow or base: NaN
+            if np.isnan(flow) or flow < self.learn_above * base:
+                continue
+            self._baseline[d, slot] = flow if np.isnan(base) else base + self.alpha * (
+                flow - base)
+
+
 class ScoreDrift:
     """Drift of one detector's score distribution: river's ADWIN over per-block mean scores.
 
@@ -280,6 +323,7 @@ class WaterPipeline:
         night = (cfg.district_leak.night_start_h, cfg.district_leak.night_end_h)
         self.aggregator = DistrictAggregator(layout.district_of[customers], districts=d,
                                              hold_ms=cfg.district_hold_ms, night_h=night)
+        self.demand = DistrictDemand(d)
         self.drift = {category: ScoreDrift() for category in CATEGORIES}
         self.last_seen = np.zeros(n, np.int64)
         self._fault_until = np.zeros(n, np.int64)
@@ -312,7 +356,7 @@ class WaterPipeline:
         battery = np.asarray(metrics.get("battery_v", np.full(len(ts), np.nan)), np.float64)
         self._seen(device, ts)
         cols = {"ts_ms": ts, "flow_lpm": flow, "battery_v": battery,
-                "district_demand_ratio": np.full(len(ts), np.nan)}
+                "district_demand_ratio": self.demand.ratio[self.layout.district_of[device]]}
         leak = self.leak.process(device, cols)
         faults = self.faults.process(device, cols)
         if self.score_log is not None:
@@ -364,6 +408,7 @@ class WaterPipeline:
         if len(district):
             if self.balance_log is not None:
                 self.balance_log.append((district, end, inlet, customers))
+            self.demand.update(district, end, customers)
             scored = self.district_leak.process(district, {
                 "ts_ms": end, "flow_lpm": inlet, "customer_flow_lpm": customers})
             alerts += self._policy("network_leak", district, end, scored, districts=True)

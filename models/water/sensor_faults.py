@@ -13,15 +13,26 @@ from readings that are not flagged.
 - **impossible**: a negative flow, or a jump of more than ``jump_lpm`` to above both
   ``max_flow_lpm`` (what a DN15 meter passes) and ``spike_factor`` times the meter's learned
   daily peak. Score 1.
-- **stopped**: 0 for as many observed hours as a meter using its learned daily volume (in
-  uses of ``event_l`` litres, Poisson) idles with probability ``stopped_p`` (at least
-  ``stopped_h``), unless the optional input ``district_demand_ratio`` (district flow over
-  its baseline) says the whole district is down (below 0.5). Score ``0.9 * hours /
-  needed``; meters using under ``min_daily_l`` a day are not judged.
+- **stopped**: 0 while the meter's own use should have shown. ``missed_uses`` adds up,
+  over the hours of zeros, the uses (of ``event_l`` litres) that the meter's learned hourly
+  profile (L/h above its lowest flow of the day before, per hour of the day, weekdays and
+  weekends apart, so a repaired leak is no missed use) expects, each hour
+  weighted by the optional input ``district_demand_ratio`` (the district's customer flow
+  over its baseline for that hour and day type: at most 1, 0 below 0.5 when the whole
+  district is down, 1 when unknown). Missing ``ln(1 / stopped_p)`` uses happens by chance
+  with probability ``stopped_p`` (Poisson). Score ``0.9 * missed_uses / ln(1 /
+  stopped_p)`` once the zeros last ``busy_stopped_h`` while the district's demand is known,
+  ``stopped_h`` otherwise. An empty home, or an office at night and over its closed
+  weekend, expects no uses then, so its zeros are no evidence. Meters using under
+  ``min_daily_l`` a day are not judged.
 - **drift**: a fast (``fast_alpha``) against a slow (``slow_alpha``) exponentially weighted
   mean of the log daily volume, each day's step clipped to ±``clip_log`` so that one pool
   fill cannot move it; the gap is measured in units of the meter's own day-to-day spread.
-  Score ``0.9 * gap / max(drift_z * spread, drift_log_min)`` after ``min_days`` days.
+  Score ``0.9 * gap / max(drift_z * spread, drift_log_min)`` after ``min_days`` days. A
+  meter's daily volume varies ~0.27 in log from day to day and a week's mean ~0.15 from its
+  first two weeks' (tuning seed 11), so only a drift that has moved the volume by a half
+  or more stands out; a baseline that stopped learning once the gap opened would follow
+  no seasonal change (garden watering) and a leak would look like drift.
 - **battery**: the voltage's drop below its learned level (a slow mean, ``battery_alpha``
   per reading, so a decline over days is not learned as normal), against
   ``battery_drop_v`` (and 6 times the mean reading-to-reading change), or any reading at or below
@@ -30,8 +41,8 @@ from readings that are not flagged.
   (``cadence_s``) by more than ``phase_tolerance_s``: interval meters report at interval
   ends, a skewed clock does not. Score 1 after ``min_phase_readings`` agreeing readings.
 
-Per meter: 148 bytes of numpy state in the fleet path; about 1.8 KB pickled as one
-:class:`SensorFaultDetector`.
+Per meter: 364 bytes of numpy state in the fleet path (200 of them the hourly profile and its
+counts); about 2.3 KB pickled as one :class:`SensorFaultDetector`.
 
 >>> detector = SensorFaultDetector()
 >>> start = 1_767_571_200_000
@@ -72,6 +83,8 @@ class SensorFaultSettings:
     jump_lpm: float = 40.0
     stopped_h: float = 36.0
     stopped_p: float = 1e-6
+    busy_stopped_h: float = 18.0
+    profile_alpha: float = 0.05
     event_l: float = 10.0
     min_daily_l: float = 20.0
     fast_alpha: float = 0.3
@@ -89,6 +102,20 @@ class SensorFaultSettings:
     threshold: float = 0.9
 
 
+def profile_slot(ts_ms: np.ndarray) -> np.ndarray:
+    """The hourly-profile slot of readings ending at ``ts_ms``.
+
+    The hour of the day (UTC), plus 24 on Saturdays and Sundays.
+
+    >>> monday, saturday = 1_767_571_200_000, 1_767_571_200_000 + 5 * MS_PER_DAY
+    >>> profile_slot(np.array([monday + 900_000, monday + 3_600_000 + 1, saturday + 900_000]))
+    array([ 0,  1, 24])
+    """
+    start = np.asarray(ts_ms, np.int64) - 1  # a reading covers the interval it ends
+    weekend = (start // MS_PER_DAY + 3) % 7 >= 5  # 0 on Mondays: 1970-01-01 was a Thursday
+    return ((start // 3_600_000) % 24 + 24 * weekend).astype(np.int64)
+
+
 class SensorFaultFleet(FleetDetector):
     """Meter-fault state of many customer meters; inputs ``flow_lpm``, ``battery_v``."""
 
@@ -97,6 +124,11 @@ class SensorFaultFleet(FleetDetector):
         "repeat_h": (np.float64, 0.0),
         "floor_flow": (np.float64, np.nan),
         "zero_h": (np.float64, 0.0),
+        "missed_uses": (np.float64, 0.0),
+        "profile_lph": (np.dtype((np.float32, 48)), 0.0),
+        "profile_n": (np.dtype((np.int32, 2)), 0),
+        "low_today_lpm": (np.float32, np.inf),
+        "low_lpm": (np.float32, 0.0),
         "day_id": (np.int64, -1),
         "day_l": (np.float64, 0.0),
         "day_h": (np.float64, 0.0),
@@ -115,7 +147,8 @@ class SensorFaultFleet(FleetDetector):
     }
     INPUTS = ("flow_lpm", "battery_v", "district_demand_ratio")
     OPTIONAL = ("battery_v", "district_demand_ratio")
-    EVIDENCE = ("fault", "repeat_h", "zero_h", "drift_log", "battery_drop_v", "phase_off_s")
+    EVIDENCE = ("fault", "repeat_h", "zero_h", "missed_uses", "drift_log", "battery_drop_v",
+                "phase_off_s")
 
     def __init__(self, settings: SensorFaultSettings | None = None, capacity: int = 0) -> None:
         self.settings = settings or SensorFaultSettings()
@@ -139,13 +172,19 @@ class SensorFaultFleet(FleetDetector):
 
         zero_h = np.where(nonzero, 0.0, self.zero_h[slot] + dt_h)
         typical = np.exp(self.slow_log[slot]) * (self.days[slot] > 0)
-        district_ok = ~(cols["district_demand_ratio"] < 0.5)
-        # hours of zeros that a meter using `typical` litres a day in `event_l` uses shows
-        # with probability `stopped_p` (Poisson), and at least `stopped_h`
-        needed = np.maximum(cfg.stopped_h, 24.0 * np.log(1 / cfg.stopped_p) * cfg.event_l
-                            / np.maximum(typical, 1e-9))
-        s_stopped = np.where((typical >= cfg.min_daily_l) & district_ok,
-                             np.clip(th * zero_h / needed, 0.0, 1.0), 0.0)
+        # uses the meter's own hourly profile expects in its hours of zeros, each weighted by
+        # the district's demand ratio (unknown: 1; a district that is down: 0)
+        hour_slot = profile_slot(ts)
+        learned = 1 - (1 - cfg.profile_alpha) ** (self.profile_n[slot, hour_slot // 24] / 24)
+        expected = np.where(learned > 0, self.profile_lph[slot, hour_slot] / np.maximum(
+            learned, 1e-9), 0.0) / cfg.event_l * dt_h  # bias-corrected: the profile starts at 0
+        ratio = cols["district_demand_ratio"]
+        known = ~np.isnan(ratio)
+        weight = np.where(known, np.where(ratio >= 0.5, np.minimum(ratio, 1.0), 0.0), 1.0)
+        missed = np.where(nonzero, 0.0, self.missed_uses[slot] + expected * weight)
+        floor_h = np.where(known, cfg.busy_stopped_h, cfg.stopped_h)
+        s_stopped = np.where((typical >= cfg.min_daily_l) & (zero_h >= floor_h),
+                             np.clip(th * missed / np.log(1 / cfg.stopped_p), 0.0, 1.0), 0.0)
 
         # daily volume: a reading of a new day closes the stored day
         day = ts // MS_PER_DAY
@@ -185,11 +224,12 @@ class SensorFaultFleet(FleetDetector):
         score = scores[fault, np.arange(len(slot))]
         aux = {
             "fault": np.where(score > 0, fault, 0).astype(np.float64), "repeat_h": repeat,
-            "zero_h": zero_h, "drift_log": fast - self.slow_log[slot], "battery_drop_v": drop,
+            "zero_h": zero_h, "missed_uses": missed, "drift_log": fast - self.slow_log[slot],
+            "battery_drop_v": drop,
             "phase_off_s": np.where(stored >= 0, off / 1000, 0.0),
             "_day": day, "_closing": closing, "_day_l": day_l, "_fast": fast, "_phase": phase,
             "_off": off, "_s_drift": s_drift, "_s_battery": s_battery, "_s_clock": s_clock,
-            "_s_impossible": s_impossible,
+            "_s_impossible": s_impossible, "_hour_slot": hour_slot,
         }
         return score, aux
 
@@ -202,7 +242,22 @@ class SensorFaultFleet(FleetDetector):
         self.floor_flow[slot] = np.where(broke, self.last_flow[slot], self.floor_flow[slot])
         self.repeat_h[slot] = aux["repeat_h"]
         self.zero_h[slot] = aux["zero_h"]
+        self.missed_uses[slot] = aux["missed_uses"]
         clean = score < th
+        # hourly profile (L/h) of uses above yesterday's lowest flow (a leak or a base flow
+        # that stops is no missed use): learned from clean readings in their hour and day type
+        target, hour_slot = slot[clean], aux["_hour_slot"][clean]
+        old = self.profile_lph[target, hour_slot]
+        uses_lph = np.maximum(flow[clean] - self.low_lpm[target], 0.0) * 60.0
+        self.profile_lph[target, hour_slot] = old + cfg.profile_alpha * (uses_lph - old)
+        np.add.at(self.profile_n, (target, hour_slot // 24), 1)
+        new_day = aux["_day"] != self.day_id[slot]
+        low_today = self.low_today_lpm[slot]
+        self.low_lpm[slot] = np.where(new_day & np.isfinite(low_today), low_today,
+                                      self.low_lpm[slot])
+        real = aux["_s_impossible"] < th
+        self.low_today_lpm[slot] = np.where(new_day, np.where(real, flow, np.inf), np.where(
+            real, np.minimum(low_today, flow), low_today))
         # close days: the fast mean always moves, the slow baseline only if not drifting
         closing = aux["_closing"]
         done = slot[closing]
