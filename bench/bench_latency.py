@@ -45,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,26 +126,37 @@ class Fleet:
         return out
 
 
-class MeshClock:
-    """A subscriber to the mesh telemetry noting when each burst reading arrived there (after
-    the bridge), by ``(district, round)``."""
+class _Clock:
+    """A subscriber to ``topic_filter`` that stamps each message's arrival (``time.monotonic``)
+    and hands both to ``arrived``."""
 
-    def __init__(self, broker: Mosquitto) -> None:
-        self.arrivals: dict[tuple[str, int], float] = {}
+    def __init__(self, broker: Mosquitto, topic_filter: str, qos: int,
+                 arrived: Callable[[float, mqtt.MQTTMessage], None]) -> None:
         self._lock = threading.Lock()
         subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
+        self.client.on_message = lambda _c, _u, msg: arrived(time.monotonic(), msg)
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
-        self.client.subscribe(topics.subscription("mesh_telemetry"), qos=0)
+        self.client.subscribe(topic_filter, qos=qos)
         if not subscribed.wait(10):
-            msg = f"cannot subscribe to the mesh telemetry at {broker.url}"
+            msg = f"cannot subscribe to {topic_filter} at {broker.url}"
             raise RuntimeError(msg)
 
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        now = time.monotonic()
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class MeshClock(_Clock):
+    """When each burst reading arrived in the mesh (after the bridge), by ``(district, round)``."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.arrivals: dict[tuple[str, int], float] = {}
+        super().__init__(broker, topics.subscription("mesh_telemetry"), 0, self._arrived)
+
+    def _arrived(self, now: float, msg: mqtt.MQTTMessage) -> None:
         if b"950.0" not in msg.payload:  # no burst reading in it
             return
         for reading in json.loads(msg.payload)["readings"]:
@@ -154,37 +165,18 @@ class MeshClock:
                 with self._lock:
                     self.arrivals.setdefault((reading["device_id"][:-len("-inlet")], k), now)
 
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
-
-class AlertClock:
-    """A subscriber to ``mw/v1/alerts/#`` noting each alert's arrival (``time.monotonic``)."""
+class AlertClock(_Clock):
+    """Each alert of ``mw/v1/alerts/#`` with its arrival time."""
 
     def __init__(self, broker: Mosquitto) -> None:
         self.arrivals: list[tuple[float, Alert]] = []
-        self._lock = threading.Lock()
-        subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe(topics.subscription("alerts"), qos=1)
-        if not subscribed.wait(10):
-            msg = f"cannot subscribe to the alerts at {broker.url}"
-            raise RuntimeError(msg)
+        super().__init__(broker, topics.subscription("alerts"), 1, self._arrived)
 
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        now = time.monotonic()
+    def _arrived(self, now: float, msg: mqtt.MQTTMessage) -> None:
         alert = decode(msg.payload, Alert)
         with self._lock:
             self.arrivals.append((now, alert))
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def publisher(broker: Mosquitto) -> mqtt.Client:
