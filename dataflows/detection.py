@@ -30,10 +30,13 @@ A shard sends a district its watermark with its readings for that district, and 
 whenever its watermark crosses a minute (:data:`WATERMARK_STEP_MS`), so a district hears
 from every shard about once per event-time minute, not once per message. When a shard
 holding some of a district's devices never reports (all its devices silent since the flow
-started) or stops reporting, :meth:`DistrictState.release_idle` (called by the flow after
-``idle_flush_s`` of wall-clock time without progress while a shard is ahead) moves the
-district's watermark to the newest shard watermark it heard: the quiet shard no longer holds
-the district back, and what it sends later is fed behind the ticks.
+started) or stops reporting, :meth:`DistrictState.release_idle` (called by the flow every
+``idle_flush_s`` of wall-clock time without progress while a shard is ahead) stops waiting
+for it: the district's watermark moves up to the oldest watermark of the shards that are not
+quiet, and what the quiet one sends later is fed behind the ticks. A shard is quiet when it
+never reported, or sent the district nothing during the last :data:`QUIET_RELEASES` releases:
+a shard that is merely slow, or about to flush what its own lateness holds (it does so
+``idle_flush_s`` after its last input), keeps its readings in order.
 
 **Feedback in event time.** A crew's :class:`~meshwatch.contract.events.Feedback` acts at
 its own event time (``ts_ms``), not when it reaches the flow: it waits in the district
@@ -104,7 +107,8 @@ from models.water.pipeline import (
     WaterPipeline,
 )
 
-__all__ = ["COUNTERS", "KIND_CODES", "MAX_CATCH_UP_TICKS", "MAX_FEEDBACK_AHEAD_MS", "TICK_MS",
+__all__ = ["COUNTERS", "KIND_CODES", "MAX_CATCH_UP_TICKS", "MAX_FEEDBACK_AHEAD_MS",
+           "QUIET_RELEASES", "TICK_MS",
            "WATERMARK_STEP_MS",
            "DetectionLayout", "DistrictChunk", "DistrictFeedback", "DistrictState",
            "split_by_district"]
@@ -123,6 +127,11 @@ seen: no detector scores them, the silence detector watches them)."""
 MAX_CATCH_UP_TICKS = 4 * 24 * 7
 """At most a week of ticks in one jump of the watermark (a clock far ahead, dragged in by an
 idle release): the boundaries before are skipped and counted in ``ticks_skipped``."""
+
+QUIET_RELEASES = 3
+"""A shard that sent nothing during this many idle releases is quiet: the district stops
+waiting for it. A shard that still has readings flushes them ``idle_flush_s`` after its last
+input, so a slow shard is never taken for a quiet one (module doc)."""
 
 MAX_FEEDBACK_AHEAD_MS = 7 * 86_400_000
 """Feedback stamped further ahead of a district's watermark is on another clock (module doc)."""
@@ -322,6 +331,8 @@ class DistrictState:
         self._feedback_waiting: list[Feedback] = []
         """Feedback stamped after the watermark, by (event time, work order)."""
         self._work_orders: set[str] = set()
+        self._unheard: dict[int, int] = {}
+        """Per shard, the :meth:`release_idle` calls since it last sent a chunk."""
         self.pipeline.balance_log = []
         self._pressure: dict[int, tuple[float, int]] = {}
         """Inlet pressure (sum, count) per 15-minute interval index, until its row closes."""
@@ -331,6 +342,7 @@ class DistrictState:
         state.setdefault("_feedback_waiting", [])
         state.setdefault("_work_orders", set())
         state.setdefault("_pressure", {})
+        state.setdefault("_unheard", {})
         if state["pipeline"].balance_log is None:
             state["pipeline"].balance_log = []
         state["counts"] = dict.fromkeys(COUNTERS, 0) | state["counts"]
@@ -398,6 +410,7 @@ class DistrictState:
         fed_to = self.watermark
         behind = False  # readings at or before the watermark: fed now
         for chunk in chunks:
+            self._unheard[chunk.shard] = 0
             if chunk.watermark is not None and chunk.watermark > marks.get(chunk.shard, -1):
                 marks[chunk.shard] = chunk.watermark
             if len(chunk):
@@ -464,11 +477,22 @@ class DistrictState:
         return self._feedback.labels
 
     def release_idle(self) -> list[Alert]:
-        """Stop waiting for quiet shards: move up to the newest shard watermark heard."""
+        """Stop waiting for quiet shards (see the module doc); returns the alerts raised.
+
+        A shard is quiet when it never reported, or sent nothing during the last
+        :data:`QUIET_RELEASES` calls. The watermark moves up to the oldest watermark of the
+        shards that are not quiet (or the newest of all, when every one is).
+        """
         if not self.held_back:
             return []
+        unheard = self._unheard
+        for shard in unheard:
+            unheard[shard] += 1
+        marks = self.shard_watermarks
+        active = [mark for shard, mark in marks.items()
+                  if unheard.get(shard, QUIET_RELEASES) < QUIET_RELEASES]
         self.counts["idle_releases"] += 1
-        return self._feed(max(self.shard_watermarks.values()))
+        return self._feed(min(active) if active else max(marks.values()))
 
     def _feed(self, to_ms: int | None) -> list[Alert]:
         if to_ms is None:

@@ -24,6 +24,7 @@ from detect_support import RoundTheClockTown, alert_keys, eval_settings, mesh_lo
 from dataflows.detection import (
     COUNTERS,
     MAX_CATCH_UP_TICKS,
+    QUIET_RELEASES,
     DetectionLayout,
     DistrictChunk,
     DistrictState,
@@ -146,6 +147,34 @@ def test_a_restored_snapshot_continues_identically(fleet) -> None:
     half = sum(len(m) for m in load.values()) // 2
     flow = run(layout, load, seed=3, restore_at=half)
     assert alert_keys(flow.alerts) == alert_keys(want)
+
+
+def test_a_slow_shard_is_not_jumped_over_until_it_is_quiet() -> None:
+    layout = DetectionLayout.from_rows([("mtr-1", "customer_meter", "dma-01", 900),
+                                        ("mtr-4", "customer_meter", "dma-01", 900)], 1, 2)
+    state = DistrictState.of(layout, "dma-01")
+
+    def chunk(shard: int, device: str, i: int) -> DistrictChunk:
+        ts = T0 + i * 900_000
+        return DistrictChunk("dma-01", shard, ts, np.array([0], np.int8),
+                             np.array([layout.slot_of[device][1]]), np.array([ts]),
+                             np.array([1.0]), np.array([3.6]), np.array([np.nan]))
+
+    state.take([chunk(0, "mtr-4", 1), chunk(1, "mtr-1", 1)])
+    for i in range(2, 40):  # shard 1 runs ahead; shard 0 is behind but still heard from
+        state.take([chunk(1, "mtr-1", i)])
+    for _ in range(QUIET_RELEASES - 1):
+        state.release_idle()
+    assert state.watermark == T0 + 900_000  # shard 0 is slow, not quiet: no jump over it
+    state.take([chunk(0, "mtr-4", i) for i in range(2, 40)])
+    assert (state.counts["behind"], state.counts["waiting"]) == (0, 0)
+    for i in range(40, 45):  # now shard 0 sends nothing more
+        state.take([chunk(1, "mtr-1", i)])
+    state.release_idle()
+    state.release_idle()
+    assert state.watermark == T0 + 39 * 900_000
+    state.release_idle()  # the QUIET_RELEASES-th release without shard 0: stop waiting
+    assert state.watermark == T0 + 44 * 900_000
 
 
 def test_a_quiet_shard_holds_its_district_back_until_released() -> None:
