@@ -15,6 +15,10 @@ cluster (bytewax's own options: every process gets the same config and the whole
 addresses; each owns some partitions). A recovery directory that does not
 exist or is empty is initialised (``python -m bytewax.recovery DIR N``) first.
 
+Once the flow is built, the objects that exist (imports, layout) are frozen out of the garbage
+collector's scans (``gc.freeze()``): full collections then take milliseconds, not the ~0.1-0.2 s
+pauses that held alerts back.
+
 The same flow runs under bytewax's own runner::
 
     python -m bytewax.run "dataflows.command:flow_from_file('meshwatch.toml')" -w 2 -r DIR -s 5
@@ -23,6 +27,7 @@ The same flow runs under bytewax's own runner::
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 from dataclasses import replace
 from datetime import timedelta
@@ -92,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("flow: %d partitions from %s:%d, %d worker(s), epoch %gs, recovery %s",
              settings.source.partitions, settings.source.broker.host,
              settings.source.broker.port, workers, interval, recovery_dir or "off")
-    cli_main(build_flow(settings), workers_per_process=workers,  # type: ignore[no-untyped-call]
-             process_id=args.process_id, addresses=addresses,
+    cli_main(_frozen(build_flow(settings)),  # type: ignore[no-untyped-call]
+             workers_per_process=workers, process_id=args.process_id, addresses=addresses,
              epoch_interval=timedelta(seconds=interval), recovery_config=recovery)
     return 0
 
@@ -136,7 +141,19 @@ def flow_from_file(path: str) -> Dataflow:
     """The dataflow of a config file, for ``python -m bytewax.run``."""
     config = load_config(path)
     configure_logging(config.log_level)
-    return build_flow(flow_settings(config))
+    return _frozen(build_flow(flow_settings(config)))
+
+
+def _frozen(flow: Dataflow) -> Dataflow:
+    """``flow``, with every object that exists by now out of the garbage collector's scans.
+
+    They are the imported modules (numpy, pydantic, paho, bytewax, influxdb-client, the models:
+    ~190k objects) and the flow's layout, and they live as long as the process. Left in, a full
+    collection scanned them every ~2 s for 105–190 ms, stalling the worker and every alert
+    behind it; frozen, full collections see only what the flow makes afterwards (4–40 ms).
+    """
+    gc.freeze()
+    return flow
 
 
 def _address(broker: BrokerConfig) -> BrokerAddress:
