@@ -37,6 +37,15 @@ def _feed(detector, xs):
     return np.array(scores)
 
 
+
+def one_district(meters: int) -> FleetLayout:
+    """Customer meters ``m0``... (15-minute cadence) and one inlet (1 minute) in ``dma-01``."""
+    return FleetLayout(device_ids=np.array([*(f"m{m}" for m in range(meters)), "inlet"],
+                                           dtype=object),
+                       kind=np.array([0] * meters + [1], np.int8),
+                       district_of=np.zeros(meters + 1, np.int32), district_ids=["dma-01"],
+                       cadence_s=np.array([900] * meters + [60]))
+
 def test_customer_leak_alarms_after_24_hours_of_flow_and_estimates_the_rate():
     rng = np.random.default_rng(0)
     leak_from = 96 * 3
@@ -166,12 +175,7 @@ def test_a_stopped_meter_in_a_busy_district_is_alerted_by_the_pipeline_within_a_
     """The pipeline feeds the fault detector its district's demand from the intervals its
     aggregator closes."""
     meters = 30
-    layout = FleetLayout(device_ids=np.array([*(f"m{m}" for m in range(meters)), "inlet"],
-                                             dtype=object),
-                         kind=np.array([0] * meters + [1], np.int8),
-                         district_of=np.zeros(meters + 1, np.int32), district_ids=["dma-01"],
-                         cadence_s=np.array([900] * meters + [60]))
-    pipeline = WaterPipeline(layout)
+    pipeline = WaterPipeline(one_district(meters))
     rng = np.random.default_rng(6)
     stop = 96 * 14 + 28  # day 14, 07:00
     alerts = []
@@ -338,12 +342,7 @@ def test_a_meter_whose_readings_a_fault_flagged_stays_out_of_the_district_balanc
     """A run of spikes is flagged at its first jump only; the meter's later readings must
     not reach the balance either (each would look like a customer using 60+ L/min)."""
     meters = 6
-    layout = FleetLayout(device_ids=np.array([*(f"m{m}" for m in range(meters)), "inlet"],
-                                             dtype=object),
-                         kind=np.array([0] * meters + [1], np.int8),
-                         district_of=np.zeros(meters + 1, np.int32), district_ids=["dma-01"],
-                         cadence_s=np.array([900] * meters + [60]))
-    pipeline = WaterPipeline(layout)
+    pipeline = WaterPipeline(one_district(meters))
     rng = np.random.default_rng(3)
     spikes = {96 * 3 + 10: 60.0, 96 * 3 + 11: 80.0, 96 * 3 + 12: 70.0}
     customers: dict[int, float] = {}
