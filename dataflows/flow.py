@@ -40,7 +40,7 @@ from __future__ import annotations
 import base64
 import pickle
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -274,16 +274,10 @@ def build_flow(settings: FlowSettings, flow_id: str = "meshwatch") -> Dataflow:
         if detection.feedback:
             source = replace(settings.source, partitions=1,
                              client_id=f"{settings.source.client_id}-fb")
-            feedback = op.flat_map("feedback_decode", op.input(
-                "feedback", flow, TopicSource(source, topics.subscription("feedback"))),
-                lambda m: route_feedback(m, layout))
-            fb_branches = op.branch("feedback_split", feedback,
-                                    lambda item: not isinstance(item, DeadLetter))
-            fb_dead: Stream[DeadLetter] = fb_branches.falses  # type: ignore[assignment]
-            op.output("feedback_dead_letters", fb_dead,
-                      DeadLetterSink(settings.dead_letter_broker, source.client_id,
-                                     protocol=settings.source.protocol))
-            chunks = op.merge("detect_in", chunks, fb_branches.trues)
+            feedback = _side_input(flow, settings, ("feedback", "feedback"), source,
+                                   topics.subscription("feedback"),
+                                   lambda m: route_feedback(m, layout))
+            chunks = op.merge("detect_in", chunks, feedback)
         detected = op.stateful_batch("detect", chunks,
                                      lambda resume: _DistrictLogic(settings, resume))
         alerts = op.flat_map("alerts", detected, lambda keyed: keyed[1].alerts)
@@ -293,18 +287,31 @@ def build_flow(settings: FlowSettings, flow_id: str = "meshwatch") -> Dataflow:
         to_influx = op.merge("to_influx", ordered, detected)
     if settings.influx is not None and settings.edge_scores:
         source = replace(settings.source, client_id=f"{settings.source.client_id}-sc")
-        scores = op.flat_map("scores_decode", op.input(
-            "edge_scores", flow, TopicSource(source, topics.TEMPLATES["mesh_scores"])),
-            decode_scores)
-        sc_branches = op.branch("scores_split", scores,
-                                lambda item: not isinstance(item, DeadLetter))
-        sc_dead: Stream[DeadLetter] = sc_branches.falses  # type: ignore[assignment]
-        op.output("scores_dead_letters", sc_dead,
-                  DeadLetterSink(settings.dead_letter_broker, source.client_id,
-                                 protocol=settings.source.protocol))
-        to_influx = op.merge("to_influx_scores", to_influx, sc_branches.trues)
+        scores = _side_input(flow, settings, ("edge_scores", "scores"), source,
+                             topics.TEMPLATES["mesh_scores"], decode_scores)
+        to_influx = op.merge("to_influx_scores", to_influx, scores)
     if settings.influx is not None:
         op.output("influx", to_influx, InfluxSink(settings.influx))
     if settings.lake_dir is not None:
         op.output("lake", ordered, LakeSink(settings.lake_dir, partitions))
     return flow
+
+
+def _side_input(flow: Dataflow, settings: FlowSettings, names: tuple[str, str],
+                source: MqttSourceSettings, topic_filter: str,
+                decode: Callable[[MeshMessage], list[Any]]) -> Stream[Any]:
+    """A second MQTT input: decoded items out, its bad payloads to the dead-letter topic.
+
+    ``names`` are the input's step id and the prefix of its other steps (``{prefix}_decode``,
+    ``_split``, ``_dead_letters``): recovery snapshots are keyed by them.
+    """
+    input_id, prefix = names
+    decoded = op.flat_map(f"{prefix}_decode",
+                          op.input(input_id, flow, TopicSource(source, topic_filter)), decode)
+    branches = op.branch(f"{prefix}_split", decoded,
+                         lambda item: not isinstance(item, DeadLetter))
+    dead: Stream[DeadLetter] = branches.falses  # type: ignore[assignment]
+    op.output(f"{prefix}_dead_letters", dead,
+              DeadLetterSink(settings.dead_letter_broker, source.client_id,
+                             protocol=settings.source.protocol))
+    return branches.trues

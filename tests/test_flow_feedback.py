@@ -117,6 +117,14 @@ def detect_counters(vm) -> dict[str, int]:
     return out
 
 
+def settle(watch: AlertWatch, want: list[Alert], flow: FlowProcess, vm) -> dict[str, int]:
+    """Wait for ``want``'s number of alerts and a little more; the flow's detection counters."""
+    wait_for(lambda: len(watch.distinct()) >= len(want), 40, "the alerts", flow)
+    time.sleep(1.5)  # nothing more may come
+    assert flow.alive(), flow.tail()
+    return detect_counters(vm)
+
+
 def test_a_false_alarm_stops_the_repeat_alerts_of_its_device(cloud, victoria_metrics,
                                                              tmp_path) -> None:
     config = start_town(tmp_path, cloud, victoria_metrics)
@@ -138,10 +146,7 @@ def test_a_false_alarm_stops_the_repeat_alerts_of_its_device(cloud, victoria_met
                      "the alerts cleared by feedback", flow)
             publish_steps(cloud, first_days + 1, LAST)
             want = TOWN.reference(LAST, feedback)
-            wait_for(lambda: len(watch.distinct()) >= len(want), 40, "the alerts", flow)
-            time.sleep(1.5)  # nothing more may come
-            assert flow.alive(), flow.tail()
-            counters = detect_counters(victoria_metrics)
+            counters = settle(watch, want, flow, victoria_metrics)
     finally:
         watch.close()
     alerts = watch.distinct()
@@ -189,10 +194,7 @@ def test_feedback_acts_at_its_event_time_not_on_arrival(workers, crash, cloud, v
                 flow.kill()
                 flow.start()
             publish_steps(cloud, first_days + 1, LAST)
-            wait_for(lambda: len(watch.distinct()) >= len(want), 40, "the alerts", flow)
-            time.sleep(1.5)  # nothing more may come
-            assert flow.alive(), flow.tail()
-            counters = detect_counters(victoria_metrics)
+            counters = settle(watch, want, flow, victoria_metrics)
     finally:
         watch.close()
     alerts = watch.distinct()
