@@ -36,7 +36,7 @@ from mesh_bridge.routing import RouterSpec
 from mesh_bridge.shell import Bridge, BridgeSettings, Job, Liveness, SiteBroker, Source
 from mesh_bridge.stats import StatsWriter
 from meshwatch.cli import refuse
-from meshwatch.config import BrokerConfig, Config, ConfigError, load_config
+from meshwatch.config import BrokerConfig, Config, ConfigError, InfluxConfig, load_config
 from meshwatch.logs import configure_logging
 from meshwatch.registry import Registry, RegistryError, load_registry
 from meshwatch.tsdb import LineWriter
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if config.bridge.healthz_port:
         serve_healthz(bridge.liveness, config.bridge.healthz_port)
     bridge.start()
-    stats = _stats_writer(config, bridge)
+    stats = start_stats_writer(config.influxdb, config.bridge.stats_s, bridge)
     log.info("bridging %s to %s in %d partitions",
              ", ".join(source.name for source in bridge.sources),
              f"{settings.cloud.host}:{settings.cloud.port}", config.mesh.partitions)
@@ -111,14 +111,18 @@ def bridge_settings(config: Config) -> BridgeSettings:
     )
 
 
-def _stats_writer(config: Config, bridge: Bridge) -> StatsWriter | None:
-    """The pipeline statistics writer, when ``[influxdb] url`` is set."""
-    influx = config.influxdb
+def start_stats_writer(influx: InfluxConfig, interval_s: float,
+                       bridge: Bridge) -> StatsWriter | None:
+    """Start the pipeline statistics writer of a started ``bridge`` when ``influx.url`` is set.
+
+    Writes every ``interval_s`` seconds (``bridge.stats_s``); stop it after the bridge.
+    ``meshwatch demo`` starts its bridge's writer here too.
+    """
     if influx.url is None:
         return None
     writer = LineWriter(influx.url, token=influx.token.get_secret_value() if influx.token
                         else None, org=influx.org, bucket=influx.bucket, what="bridge stats")
-    return StatsWriter(bridge.stats, writer, config.bridge.stats_s,
+    return StatsWriter(bridge.stats, writer, interval_s,
                        lambda: (bridge.in_flight, bridge.cloud.connected)).start()
 
 

@@ -12,7 +12,8 @@ What runs, in order of the data path:
    station over OPC-UA instead of from the simulator;
 4. the mesh bridge (:mod:`mesh_bridge.shell`, with its router process) from the site broker
    into the mesh, validating against the registry the simulator writes into
-   ``OUT/registry.csv``;
+   ``OUT/registry.csv``; with an InfluxDB URL (see 5) it writes its statistics there as
+   ``meshwatch bridge`` does (:mod:`mesh_bridge.stats`);
 5. the dataflow, ``meshwatch flow`` in a child process (config ``OUT/flow.toml``, log
    ``OUT/flow.log``) on the mesh broker over MQTT 3.1.1, with the Parquet lake in
    ``OUT/lake`` and its recovery directory in ``OUT/flow-recovery``; InfluxDB writes only with
@@ -132,7 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a small run for CI: {QUICK_METERS} meters, {QUICK_DISTRICTS}"
                         f" districts, {QUICK_DAYS:g} days; fails below its detection floors")
     parser.add_argument("--influx-url", default=None,
-                        help="also write the dataflow's points to this InfluxDB v2 write API"
+                        help="also write the dataflow's points and the bridge's statistics"
+                        " to this InfluxDB v2 write API"
                         " (default: MESHWATCH_INFLUXDB__URL if set, else no writes; token,"
                         " org and bucket from MESHWATCH_INFLUXDB__TOKEN, __ORG, __BUCKET)")
 
@@ -205,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
                                              "feedback"))
         stack.callback(mesh.close)
         bridge = _bridge(args.out, simulator, url, mesh_url, protocol)  # writes registry.csv
+        stats = _bridge_stats(bridge, influx_url)
+        if stats is not None:  # stopped after the bridge: its last snapshot has every count
+            stack.callback(stats.stop)
         stop_bridge = _Once(bridge.stop)
         # on the way out after Ctrl-C, which also stopped its router process: no traceback
         stack.callback(_unless_interrupted, stop_bridge, 0)
@@ -390,6 +395,24 @@ def _bridge(out: Path, simulator: Any, site_url: str, mesh_url: str, protocol: s
         msg = f"the demo's bridge cannot subscribe at {site_url}"
         raise RuntimeError(msg)
     return bridge
+
+
+def _bridge_stats(bridge: Any, influx_url: str | None) -> Any:
+    """The bridge's statistics writer, started as ``meshwatch bridge`` starts it, or None.
+
+    Only with an InfluxDB URL (token, org and bucket from ``MESHWATCH_INFLUXDB__TOKEN``,
+    ``__ORG``, ``__BUCKET``, as the dataflow reads them), every ``bridge.stats_s`` (default).
+    """
+    if influx_url is None:
+        return None
+    from mesh_bridge.command import start_stats_writer
+    from meshwatch.config import BridgeConfig, InfluxConfig
+
+    given = {name: os.environ[f"MESHWATCH_INFLUXDB__{name.upper()}"]
+             for name in ("token", "org", "bucket")
+             if os.environ.get(f"MESHWATCH_INFLUXDB__{name.upper()}")}
+    return start_stats_writer(InfluxConfig(url=influx_url, **given), BridgeConfig().stats_s,
+                              bridge)
 
 
 def _edge_model(directory: Path, console: Console) -> Any:

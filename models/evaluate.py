@@ -28,9 +28,11 @@ and alerts raised in the first ``warmup_days`` are left out, and so are alerts m
 such episodes; the report counts them. An episode whose duration in the run is shorter than
 the evidence its kind needs (:data:`EVIDENCE_H`: 24 h of flow for a customer leak, one night
 for a district leak, ``stuck_h`` for a stuck register...) cannot be detected by design: it is
-reported as ``too_short``, left out of ``recall`` and kept in ``recall_all``. Nothing else
-is excluded: leaks hidden by a business's round-the-clock flow, slow drifts and small network
-leaks count as misses.
+reported as ``too_short``, left out of ``recall`` and kept in ``recall_all``. The duration
+in the run ends at the run's end: the simulator clips its incidents there, but a ``silent``
+episode keeps its true end (a gap's end, a backlog's delivery), which may lie beyond it.
+Nothing else is excluded: leaks hidden by a business's round-the-clock flow, slow drifts and
+small network leaks count as misses.
 
 **Rates.** :data:`EVALUATION_RATES` are the simulator's realistic defaults, except district
 incidents, which are raised (network leaks ×2.5, bursts ×10) so that a month of a few
@@ -359,7 +361,8 @@ def score_run(run: Run) -> dict[str, Any]:
             if e.kind == "silent" and layout.kind[e.device] != 0:
                 return EVIDENCE_H["silent"] * scada_cadence / 900
             return EVIDENCE_H[e.kind]
-        detectable = [e for e in in_scope if e.end_ms - e.start_ms >= needed(e) * MS_PER_HOUR]
+        detectable = [e for e in in_scope  # the part in the run: the detectors see no further
+                      if min(e.end_ms, run.end_ms) - e.start_ms >= needed(e) * MS_PER_HOUR]
         hit = [e for e in detectable if e.episode_id in detected]
         hit_all = [e for e in in_scope if e.episode_id in detected]
         ttd = np.array([(detected[e.episode_id] - e.start_ms) / MS_PER_HOUR for e in hit])

@@ -139,10 +139,12 @@ def _in_session(sid: int) -> set[int]:
     return found
 
 
-def test_ctrl_c_stops_the_demo_cleanly(tmp_path, edge_model_dir) -> None:
+def test_ctrl_c_stops_the_demo_cleanly(tmp_path, edge_model_dir, victoria_metrics) -> None:
+    """Ctrl-C stops everything; with ``--influx-url`` the bridge wrote its statistics."""
     shutil.copytree(edge_model_dir, tmp_path / "edge-model")
     demo = subprocess.Popen(  # its own session: Ctrl-C reaches the whole process group
-        [sys.executable, "-m", "meshwatch.cli", "demo", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "meshwatch.cli", "demo", "--quick", "--out", str(tmp_path),
+         "--influx-url", victoria_metrics.url],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -165,3 +167,7 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path, edge_model_dir) -> None:
     while _in_session(demo.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _in_session(demo.pid)  # the dataflow and the bridge's router are gone too
+    # the bridge's statistics writer ran, as `meshwatch bridge` runs it, and wrote its last
+    # snapshot on the way out
+    series = victoria_metrics.wait_for_samples('mw_bridge_readings_in{bridge="demo-bridge"}', 1)
+    assert max(series[0]["values"]) > 0

@@ -89,6 +89,33 @@ def test_matching_rules():
     assert report["false_alarms_per_1000_meter_days"] == pytest.approx(1000 * 2 / (6 * 8), abs=1e-4)
 
 
+def test_episodes_are_judged_on_their_part_in_the_run():
+    """A silence that lasts past the run's end is detectable only if its part in the run is.
+
+    The demo's load with seed 7 had a 6.6 h gateway outage begin 5 h before the end: its 346
+    meters were counted detectable (6.6 h >= 6.25 h), though the detectors saw 5 h of it.
+    """
+    ids = np.array([f"mtr-{i}" for i in range(3)], dtype=object)
+    layout = FleetLayout(ids, np.zeros(3, np.int8), np.zeros(3, np.int32), ["dma-01"],
+                         np.full(3, 900))
+    days = 4
+    end = T0 + days * 24 * H
+
+    def silent(device: int, start_h: float, end_h: float) -> Episode:
+        return Episode(f"s{device}", "silent", device, 0, int(end + start_h * H),
+                       int(end + end_h * H), 0.0, "ms", "source=gateway_outage")
+
+    episodes = [silent(0, -5.0, 1.6),  # 5 h in the run: too short, whatever came after
+                silent(1, -9.0, 30.0),  # 9 h in the run: detectable, missed
+                silent(2, -20.0, -12.0)]  # 8 h, all in the run: detected
+    alerts = [_alert("mtr-2", "silent", days * 24 - 13.75)]
+    run = Run(EvalSettings(meters=3, days=days, warmup_days=1), episodes, alerts,
+              WaterPipeline(layout), T0, end, 3, 0.0, 1.0, 10, {}, {})
+    row = score_run(run)["kinds"]["silent"]
+    assert (row["episodes"], row["too_short"], row["detectable"], row["detected"]) == (3, 1, 2, 1)
+    assert row["recall"] == 0.5
+
+
 def test_evaluate_command_writes_a_report_that_matches_its_table(tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["evaluate", "--meters", "300", "--days", "6", "--seed", str(TUNING_SEEDS[5]),

@@ -166,6 +166,8 @@ def _print_latency(console: Console, latency: dict[str, Any], stored: int, span_
 def _detection_note(detection: dict[str, Any]) -> str:
     return (f"The dataflow's alerts as they reached the mesh, matched to the simulator's ground"
             f" truth by models.evaluate (warm-up {WARMUP_DAYS:g} simulated days not scored;"
+            " an episode is detectable when its part within the run lasts as long as the"
+            " evidence its kind needs, 6.25 h for a silent meter, even if it goes on after;"
             f" TTD in event time; {detection['false_alarms']:,} false alarms in all).")
 
 
