@@ -234,6 +234,26 @@ def test_burst_is_flagged_on_its_first_reading_and_a_demand_step_is_not():
     assert detector.score_one(burst) >= 0.9
 
 
+def test_a_burst_while_demand_falls_is_flagged_on_its_first_reading():
+    """In the evening fall the reference lags above the flow and hides part of the rise
+    (40 of 70 L/min here): the step from the last calm reading still shows all of it."""
+    rng = np.random.default_rng(4)
+    detector = BurstDetector()
+    xs = []
+    for i in range(1, 400):
+        flow = 800 - 2.0 * max(0, i - 100) + rng.normal(0, 10)  # falls 2 L/min a minute
+        pressure = 4.0 + 0.0008 * max(0, i - 100) + rng.normal(0, 0.01)
+        xs.append({"ts_ms": T0 + i * 60_000, "flow_lpm": flow, "pressure_bar": pressure})
+    assert _feed(detector, xs).max() < 0.5
+    last = xs[-1]
+    burst = {"ts_ms": last["ts_ms"] + 60_000, "flow_lpm": last["flow_lpm"] - 2 + 70,
+             "pressure_bar": last["pressure_bar"] - 0.8}
+    assert detector.score_one(burst) >= 0.9
+    assert detector.explain(burst)["rise_lpm"] == pytest.approx(68.0)
+    later = {**burst, "ts_ms": burst["ts_ms"] + 6 * 60_000}  # the step is for onsets only
+    assert detector.score_one(later) < 0.9
+
+
 def test_district_leak_uses_the_water_balance_and_day_type_baselines():
     rng = np.random.default_rng(5)
     detector = DistrictLeakDetector()
