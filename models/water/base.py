@@ -111,6 +111,23 @@ class FleetDetector(abc.ABC):
         self.missing = 0
         """Readings skipped because an input was missing (NaN)."""
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a snapshot, also one taken before a field was added (it starts fresh).
+
+        >>> from models.water.burst import BurstFleet
+        >>> fleet = BurstFleet(capacity=2)
+        >>> old = fleet.__getstate__()
+        >>> del old["last_flow"]  # as pickled by a version without it
+        >>> restored = BurstFleet.__new__(BurstFleet)
+        >>> restored.__setstate__(old)
+        >>> restored.last_flow.tolist()
+        [0.0, 0.0]
+        """
+        self.__dict__.update(state)
+        for name, (dtype, fill) in self.FIELDS.items():
+            if name not in state:
+                setattr(self, name, np.full(self.capacity, fill, dtype))
+
     @property
     def capacity(self) -> int:
         """How many slots the state holds."""
