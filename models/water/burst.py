@@ -23,9 +23,10 @@ learned spread, and the larger ratio counts::
 where each flow alarm is at least ``min_rise_lpm`` and ``rise_z`` times its spread (the mean
 absolute departure), and each pressure alarm at least ``min_drop_bar`` and ``z_alarm`` times
 its spread (demand moves flow a lot and pressure little, so the pressure drop is the strict
-test). The step counts only within ``STEP_MS`` of the last calm reading, at a burst's onset.
-Both flow and pressure must reach their alarm level, so the first reading of a burst scores
-0.9 or more: detection within one reading. The detector learns only from readings scoring
+test; the noisier step needs at least ``min_step_drop_bar``). The step counts only within
+``STEP_MS`` of the last calm reading, at a burst's onset. Both flow and pressure must reach
+their alarm level, so the first reading of a burst scores 0.9 or more: detection within one
+reading. The detector learns only from readings scoring
 below ``learn_below`` (a guard band under the threshold, so that a burst that scores just
 under it on its first reading does not teach the reference), and a reference held for
 ``reanchor_h`` hours without a break is re-anchored to the present (a lasting change is the
@@ -64,6 +65,7 @@ class BurstSettings:
     z_alarm: float = 6.0
     min_rise_lpm: float = 40.0
     min_drop_bar: float = 0.35
+    min_step_drop_bar: float = 0.45
     min_readings: int = 10
     reanchor_h: float = 24.0
     learn_below: float = 0.5
@@ -112,7 +114,7 @@ class BurstFleet(FleetDetector):
                                                         self.step_spread_flow[slot]))
         drop_ratio = np.maximum(drop / self._alarm(cfg.min_drop_bar, cfg.z_alarm,
                                                    self.spread_p[slot]),
-                                step_drop / self._alarm(cfg.min_drop_bar, cfg.z_alarm,
+                                step_drop / self._alarm(cfg.min_step_drop_bar, cfg.z_alarm,
                                                         self.step_spread_p[slot]))
         ready = self.n[slot] >= cfg.min_readings
         score = np.where(ready, np.clip(cfg.threshold * np.minimum(flow_ratio, drop_ratio),
