@@ -9,7 +9,7 @@ training is reported as not held out.
 
 Example::
 
-    meshwatch evaluate --meters 2000 --days 28 --seed 2026101 --out evaluation/
+    meshwatch evaluate --meters 2000 --days 28 --seed 2026501 --out evaluation/
 """
 
 from __future__ import annotations
