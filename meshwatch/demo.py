@@ -29,8 +29,9 @@ What runs, in order of the data path:
    the start) on the mesh's alert topic (the edge alerts the bridge forwards, and the
    dataflow's); one crew per district, worked by the crew simulator
    (:mod:`simulators.crews`) while the simulation runs: the crews find what the ground truth
-   holds at the time (incidents as they begin, clock skews from the communication faults;
-   see :class:`simulators.crews.TruthBook`);
+   holds at the time (incidents as they begin, clock skews and silences from the
+   communication faults, the silence of a dead battery; see
+   :class:`simulators.crews.TruthBook`);
 7. subscribers that count what reaches the site broker and the mesh, per gateway, by
    ``(device, seq)``, stamp when it arrived, and keep the alerts and feedback in the mesh.
 
@@ -184,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         fleet = simulator.fleet
         truth = TruthCollector(fleet)  # for scoring the detection at the end
         crew_truth = TruthBook()  # what the crews find, as the simulation goes
+        cadence_s = fleet.cadence_s(sim_config.fleet)
         truth_file = EpisodeWriter(args.out / "ground_truth.csv", fleet, "incident_id")
         stack.callback(truth_file.close)
         comm_file = CommFaultWriter(args.out / "comm_faults.csv", fleet)
@@ -198,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         def on_comm_faults(log: Any) -> None:
             truth.on_comm_faults(log)
             comm_file(log)
-            crew_truth.record_comm_faults(log, fleet)
+            crew_truth.record_comm_faults(log, fleet, cadence_s)
 
         simulator.on_episode, simulator.on_comm_faults = on_episode, on_comm_faults
         site_counter = _Counter(url, protocol, ("site_telemetry", "site_scores", "site_alerts"))

@@ -12,8 +12,10 @@ every delivered block to a :class:`~models.water.pipeline.WaterPipeline` in deli
 skewed reading, by true or reported time, whichever is wider) and ``silent`` (a device
 whose readings do not arrive: a network gap or a gateway outage, from the last reading
 before it to the gap's end or the backlog's delivery; and a meter whose battery died, to
-the end of the run). Confounders (garden watering, pool
-filling, round-the-clock businesses) are not incidents: alerts on them are false alarms.
+the end of the run), by :func:`simulators.truth.comm_episodes` and
+:func:`~simulators.truth.battery_silence`, which the crew simulator's truth shares.
+Confounders (garden watering, pool filling, round-the-clock businesses) are not incidents:
+alerts on them are false alarms.
 
 **Matching.** An alert is identified by its id (folded re-openings are one alert) and
 raised at its ``first_ts_ms``. It *matches* an episode when the episode's kind is compatible
@@ -61,8 +63,8 @@ from meshwatch.contract.events import Alert, AlertStatus
 from models.seeds import EVALUATION_SEEDS, is_held_out
 from models.water.pipeline import FleetLayout, PipelineSettings, WaterPipeline
 from simulators import CommFaultLog, CommRates, Episode, FleetConfig, FleetSimulator, SimConfig
-from simulators.comms import CommFault
 from simulators.config import DEFAULT_START, IncidentRates
+from simulators.truth import battery_silence, comm_episodes
 
 MS_PER_HOUR = 3_600_000
 TICK_MS = 900_000
@@ -230,63 +232,6 @@ def simulate_and_detect(settings: EvalSettings,
              "score_drift": pipeline.drift_metrics()}
     return Run(settings, truth, alerts, pipeline, start, end, customers, total_s - detect_s,
                detect_s, pipeline.readings, dict(traces), stats)
-
-
-def comm_episodes(logs: Iterable[CommFaultLog], customers: int, district_of: np.ndarray,
-                  cadence_s: np.ndarray) -> list[Episode]:
-    """``clock_skew`` and ``silent`` episodes from the simulator's communication-fault log."""
-    parts = list(logs)
-    if not parts:
-        return []
-    log = CommFaultLog.concat(parts)
-    found: list[Episode] = []
-    groups = (
-        ("clock_skew", CommFault.CLOCK_SKEW, False),
-        ("silent", CommFault.GAP, True),
-        ("silent", CommFault.GATEWAY_OUTAGE, True),
-    )
-    for kind, fault, ends_at_detail in groups:
-        rows = log.fault == fault
-        if kind == "clock_skew":
-            rows &= log.device < customers
-        device, ts, detail = log.device[rows], log.ts_ms[rows], log.detail_ms[rows]
-        if not len(device):
-            continue
-        keys = np.stack([device.astype(np.int64), detail])
-        uniq, inverse = np.unique(keys, axis=1, return_inverse=True)
-        inverse = inverse.ravel()
-        first = np.full(uniq.shape[1], np.iinfo(np.int64).max)
-        last = np.zeros(uniq.shape[1], np.int64)
-        np.minimum.at(first, inverse, ts)
-        np.maximum.at(last, inverse, ts)
-        for i in range(uniq.shape[1]):
-            d = int(uniq[0, i])
-            cadence = int(cadence_s[d]) * 1000
-            if ends_at_detail:
-                begin, finish = int(first[i]) - cadence, int(uniq[1, i])
-            else:  # the skewed stamps may lie before the true times: cover both
-                offset = int(uniq[1, i])
-                begin = int(first[i]) + min(offset, 0)
-                finish = int(last[i]) + max(offset, 0) + cadence
-            found.append(Episode(f"{kind}-{d}-{begin}", kind, d, int(district_of[d]), begin,
-                                 max(finish, begin + 1), float(uniq[1, i]), "ms",
-                                 f"source={fault.name.lower()}"))
-    return found
-
-
-def battery_silence(episodes: Iterable[Episode], end_ms: int) -> list[Episode]:
-    """``silent`` episodes of meters whose battery died (from the cut-off to the run's end)."""
-    found = []
-    for episode in episodes:
-        if episode.kind != "battery_depletion":
-            continue
-        detail = dict(item.split("=", 1) for item in episode.detail.split(";") if "=" in item)
-        silent_from = int(detail.get("silent_from_ms", end_ms))
-        if silent_from < end_ms:
-            found.append(Episode(f"silent-{episode.episode_id}", "silent", episode.device,
-                                 episode.district, silent_from, end_ms, 0.0, "ms",
-                                 "source=battery"))
-    return found
 
 
 # -- scoring ------------------------------------------------------------------------------------

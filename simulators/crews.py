@@ -7,24 +7,35 @@ log-normal distributions around realistic medians and divided by ``speed`` (a si
 runs faster than real time).
 
 What the crew finds comes from the simulator's ground truth: its incidents
-(``ground_truth.csv``) and the clock skews of its communication faults (``comm_faults.csv``,
+(``ground_truth.csv``), the clock skews of its communication faults (``comm_faults.csv``,
 one row per skewed reading, grouped into one episode per device and offset by
-:meth:`TruthBook.record_skew`). A :class:`TruthBook` holds that truth and may grow while the
-simulation runs, so a crew judges an alert against the truth active at that time: ongoing
-episodes (a network leak lasts about a month) count as soon as they begin. The work order's
-incident is matched (:func:`outcome_for`) to an episode of a compatible kind at the same place
-whose time overlaps the incident's, give or take :data:`SLACK_MS`:
+:meth:`TruthBook.record_skew`), and its silences: a device whose readings do not arrive, for
+a network gap or a gateway outage (from the same log) or a dead battery (a
+``battery_depletion`` incident from its ``silent_from_ms``), built as the evaluation builds
+them (:func:`simulators.truth.comm_episodes`, :func:`simulators.truth.battery_silence`). A
+:class:`TruthBook` holds that truth and may grow while the simulation runs, so a crew judges
+an alert against the truth active at that time: ongoing episodes (a network leak lasts about
+a month) count as soon as they begin. The work order's incident is matched
+(:func:`outcome_for`) to an episode of a compatible kind at the same place whose time
+overlaps the incident's, give or take :data:`SLACK_MS`:
 
 - a *district* incident (no device, or the district's inlet meter ``<district>-inlet``) of
   kind ``burst`` or ``leak`` matches a district-wide episode (no device) in the same district:
   ``burst`` a ``burst``, ``leak`` a ``network_leak``;
 - a *device* incident matches that device's episodes: ``leak`` a ``customer_leak``,
   ``sensor_fault`` a meter fault (``stuck``, ``stopped``, ``spikes``, ``drift``,
-  ``battery_depletion``, ``clock_skew``), ``burst`` a ``burst``.
+  ``battery_depletion``, ``clock_skew``), ``silent`` a ``silent`` episode, ``burst`` a
+  ``burst``.
 
 A match is resolved with its outcome (a leak is a ``confirmed_leak``, a burst a
-``confirmed_burst``, a meter fault a ``meter_fault``); anything else (no episode, another
-kind, another place or time, kinds such as ``silent`` or ``anomaly``) is a ``false_alarm``.
+``confirmed_burst``, a meter fault or a silence a ``meter_fault``); anything else (no
+episode, another kind, another place or time, kinds such as ``anomaly``) is a
+``false_alarm``. A crew sent to a meter that really stopped reporting finds a device or
+communications problem to fix (a dead battery, a lost radio link, a gateway's backhaul), not
+a false alarm: ``meter_fault`` says so, counts as a repair in remediation's KPIs, and in
+:mod:`models.feedback` leaves a ``silent`` alert standing without muting or teaching anything
+(a ``false_alarm`` would mute silent alerts on that meter for ``mute_h``, hiding its next
+real silence).
 
 Run: ``python -m simulators.crews --api http://127.0.0.1:8080 --truth out/ground_truth.csv
 --comm-faults out/comm_faults.csv --crew crew-north=TOKEN [--crew ...] --speed 600``
@@ -42,6 +53,11 @@ Run: ``python -m simulators.crews --api http://127.0.0.1:8080 --truth out/ground
 'false_alarm'
 >>> outcome_for("sensor_fault", "mtr-7", "dma-01", 5000, 5000, truth)
 'false_alarm'
+>>> outcome_for("silent", "mtr-7", "dma-01", 5000, 5000,
+...             [*truth, TruthEpisode("mtr-7", "dma-01", "silent", 4000, 9000)])
+'meter_fault'
+>>> outcome_for("silent", "mtr-7", "dma-01", 5000, 5000, truth)
+'false_alarm'
 """
 
 from __future__ import annotations
@@ -56,7 +72,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,20 +80,23 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from simulators.comms import CommFault, CommFaultLog
+from simulators.config import FleetConfig
 from simulators.fleet import Fleet
-from simulators.truth import Episode
+from simulators.truth import Episode, battery_silence, comm_episodes
 
 log = logging.getLogger(__name__)
 
 OUTCOMES = {"customer_leak": "confirmed_leak", "network_leak": "confirmed_leak",
             "burst": "confirmed_burst"}
-"""Ground-truth kinds that are not here are meter faults (stuck, stopped, spikes...)."""
+"""Ground-truth kinds that are not here are meter faults (stuck, stopped, spikes...) or
+silences, which a crew finds as a ``meter_fault``."""
 METER_FAULTS = frozenset({"stuck", "stopped", "spikes", "drift", "battery_depletion",
                           "clock_skew"})
 """Ground-truth kinds a ``sensor_fault`` alert is about."""
 DEVICE_MATCHES: dict[str, frozenset[str]] = {
     "leak": frozenset({"customer_leak"}),
     "sensor_fault": METER_FAULTS,
+    "silent": frozenset({"silent"}),
     "burst": frozenset({"burst"}),
 }
 """Alert kind -> the ground-truth kinds it confirms on its own device."""
@@ -107,9 +126,14 @@ class TruthBook:
     """Ground truth as far as it is known, growing while a simulation runs; thread-safe.
 
     Incidents are recorded under their episode id when they begin and again when they end
-    (the later record replaces the earlier). Clock skews come one skewed reading at a time
-    and are grouped by device and offset: an episode covers its readings' true times and
-    the times they reported, whichever is wider (as :mod:`models.evaluate` scores them).
+    (the later record replaces the earlier); a ``battery_depletion`` brings the silence of
+    its dead meter (:func:`~simulators.truth.battery_silence`, to the incident's end). Clock
+    skews come one skewed reading at a time and are grouped by device and offset: an episode
+    covers its readings' true times and the times they reported, whichever is wider (as
+    :mod:`models.evaluate` scores them). Silences (network gaps, gateway outages) come one
+    step of the communication-fault log at a time (:func:`~simulators.truth.comm_episodes`)
+    and are grouped by device and gap (or outage), each widened to cover its earlier steps:
+    the ``silent`` episodes that :mod:`models.evaluate` builds from the whole log.
 
     >>> book = TruthBook([TruthEpisode(None, "dma-01", "network_leak", 0, 30 * 86_400_000)])
     >>> book.record_skew("mtr-7", "dma-01", [(3_600_000, 600_000), (7_200_000, 600_000)])
@@ -133,23 +157,31 @@ class TruthBook:
         """Add skewed readings of ``device_id``: ``(true ts_ms, offset_ms)`` pairs."""
         with self._lock:
             for ts_ms, offset_ms in readings:
-                key = ("clock_skew", device_id, offset_ms)
                 begin, end = ts_ms + min(offset_ms, 0), ts_ms + max(offset_ms, 0)
-                known = self._episodes.get(key)
-                if known is not None:
-                    begin, end = min(begin, known.start_ms), max(end, known.end_ms)
-                self._episodes[key] = TruthEpisode(device_id, district, "clock_skew", begin,
-                                                   end)
+                self._widen(("clock_skew", device_id, offset_ms),
+                            TruthEpisode(device_id, district, "clock_skew", begin, end))
+
+    def record_episode(self, episode: Episode, device_ids: Sequence[str] | np.ndarray,
+                       district_ids: Sequence[str]) -> None:
+        """Add or update a simulator episode, and the silence of a dead battery.
+
+        ``episode.device`` indexes ``device_ids`` (-1: none), ``episode.district``
+        ``district_ids``.
+        """
+        for found in (episode, *battery_silence([episode], episode.end_ms)):
+            self.record(found.episode_id, _truth_episode(found, device_ids, district_ids))
 
     def record_simulated(self, episode: Episode, fleet: Fleet) -> None:
         """Add or update a simulator incident (:mod:`simulators.truth`), begun or ended."""
-        device = None if episode.device < 0 else str(fleet.device_ids[episode.device])
-        self.record(episode.episode_id, TruthEpisode(
-            device, fleet.district_ids[episode.district], episode.kind, episode.start_ms,
-            episode.end_ms))
+        self.record_episode(episode, fleet.device_ids, fleet.district_ids)
 
-    def record_comm_faults(self, log: CommFaultLog, fleet: Fleet) -> None:
-        """Add the clock skews in one step of the simulator's communication-fault log."""
+    def record_comm_faults(self, log: CommFaultLog, fleet: Fleet, cadence_s: np.ndarray,
+                           ) -> None:
+        """Add the clock skews and silences in one step of the communication-fault log.
+
+        ``cadence_s``: each device's reading interval (:meth:`simulators.fleet.Fleet.cadence_s`);
+        a silence begins at the last reading before its first missed one.
+        """
         rows = np.flatnonzero(log.fault == CommFault.CLOCK_SKEW)
         by_device: dict[int, list[tuple[int, int]]] = {}
         for row in rows.tolist():
@@ -158,29 +190,82 @@ class TruthBook:
         for device, readings in by_device.items():
             self.record_skew(str(fleet.device_ids[device]),
                              fleet.district_ids[int(fleet.district_of[device])], readings)
+        self._record_silences(log, fleet.device_ids, fleet.district_of, fleet.district_ids,
+                              cadence_s)
 
     def episodes(self) -> list[TruthEpisode]:
         """Every episode known now, in the order they were first recorded."""
         with self._lock:
             return list(self._episodes.values())
 
+    def _record_silences(self, log: CommFaultLog, device_ids: Sequence[str] | np.ndarray,
+                         district_of: np.ndarray, district_ids: Sequence[str],
+                         cadence_s: np.ndarray) -> None:
+        found = [e for e in comm_episodes([log], 0, district_of, cadence_s)
+                 if e.kind == "silent"]  # no customers: no clock skews (see record_skew)
+        with self._lock:
+            for episode in found:  # magnitude: the gap's end or the backlog's delivery
+                truth = _truth_episode(episode, device_ids, district_ids)
+                self._widen(("silent", truth.device_id, int(episode.magnitude)), truth)
 
-def load_truth(path: Path, comm_faults: Path | None = None) -> list[TruthEpisode]:
-    """Read the simulator's ``ground_truth.csv``, and the clock skews of its ``comm_faults.csv``.
+    def _widen(self, key: object, episode: TruthEpisode) -> None:
+        """Record ``episode`` under ``key``, covering what is there too; hold the lock."""
+        known = self._episodes.get(key)
+        if known is not None:
+            episode = episode._replace(start_ms=min(episode.start_ms, known.start_ms),
+                                       end_ms=max(episode.end_ms, known.end_ms))
+        self._episodes[key] = episode
 
-    ``comm_faults.csv`` names no district: its episodes have district ``""``, which no
-    device-level match looks at.
+
+def _truth_episode(episode: Episode, device_ids: Sequence[str] | np.ndarray,
+                   district_ids: Sequence[str]) -> TruthEpisode:
+    device = None if episode.device < 0 else str(device_ids[episode.device])
+    return TruthEpisode(device, district_ids[episode.district], episode.kind,
+                        episode.start_ms, episode.end_ms)
+
+
+def load_truth(path: Path, comm_faults: Path | None = None, *,
+               cadence_s: int = FleetConfig.customer_cadence_s) -> list[TruthEpisode]:
+    """Read the simulator's ``ground_truth.csv``, and its ``comm_faults.csv`` if given.
+
+    The incidents come with the silences of dead batteries; ``comm_faults.csv`` adds clock
+    skews and silences (network gaps, gateway outages). That file names no district: its
+    episodes have district ``""``, which no device-level match looks at; nor each device's
+    reading interval: a silence begins ``cadence_s`` (the customer meters' default) before
+    its first missed reading.
     """
+    districts: dict[str, int] = {}
+    devices: dict[str, int] = {}
+    book = TruthBook()
     with path.open(newline="", encoding="utf-8") as handle:
-        book = TruthBook(TruthEpisode(row["device_id"] or None, row["district"], row["kind"],
-                                      int(row["start_ms"]), int(row["end_ms"]))
-                         for row in csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        id_column = (reader.fieldnames or ["incident_id"])[0]
+        episodes = [Episode(
+            row[id_column], row["kind"],
+            devices.setdefault(row["device_id"], len(devices)) if row["device_id"] else -1,
+            districts.setdefault(row["district"], len(districts)), int(row["start_ms"]),
+            int(row["end_ms"]), float(row.get("magnitude") or 0.0), row.get("unit") or "",
+            row.get("detail") or "") for row in reader]
+    for episode in episodes:
+        book.record_episode(episode, list(devices), list(districts))
     if comm_faults is not None:
         with comm_faults.open(newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                if row["fault"] == "clock_skew":
-                    book.record_skew(row["device_id"], "",
-                                     [(int(row["ts_ms"]), int(row["detail_ms"]))])
+            rows = list(csv.DictReader(handle))
+        for row in rows:
+            if row["fault"] == "clock_skew":
+                book.record_skew(row["device_id"], "",
+                                 [(int(row["ts_ms"]), int(row["detail_ms"]))])
+        silent = [row for row in rows if row["fault"] in {"gap", "gateway_outage"}]
+        for row in silent:
+            devices.setdefault(row["device_id"], len(devices))
+        log = CommFaultLog(
+            np.array([devices[row["device_id"]] for row in silent], np.int64),
+            np.array([int(row["seq"]) for row in silent], np.int64),
+            np.array([int(row["ts_ms"]) for row in silent], np.int64),
+            np.array([CommFault[row["fault"].upper()] for row in silent], np.int8),
+            np.array([int(row["detail_ms"]) for row in silent], np.int64))
+        book._record_silences(log, list(devices), np.zeros(len(devices), np.int32), [""],
+                              np.full(len(devices), cadence_s))
     return book.episodes()
 
 
@@ -343,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api", required=True, help="base URL of meshwatch remediation")
     parser.add_argument("--truth", type=Path, required=True, help="ground_truth.csv")
     parser.add_argument("--comm-faults", type=Path, default=None,
-                        help="comm_faults.csv, for the clock skews it records")
+                        help="comm_faults.csv, for the clock skews and silences it records")
     parser.add_argument("--crew", action="append", required=True, metavar="ID=TOKEN")
     parser.add_argument("--speed", type=float, default=60.0, help="time compression")
     parser.add_argument("--duration-s", type=float, default=3600.0)

@@ -119,6 +119,11 @@ class Fleet:
         return np.searchsorted(self.gateway_of[: self.customer_count],
                                np.arange(customer_gateways + 1))
 
+    def cadence_s(self, config: FleetConfig) -> np.ndarray:
+        """Each device's reading interval in seconds: ``config``'s customer or SCADA cadence."""
+        return np.where(self.kind == DeviceKind.CUSTOMER_METER, config.customer_cadence_s,
+                        config.scada_cadence_s)
+
     @classmethod
     def build(cls, config: FleetConfig, rng: np.random.Generator) -> Fleet:
         """Lay out districts, gateways and meters reproducibly from ``rng``."""

@@ -2,7 +2,7 @@
 
 :class:`TruthCollector` takes the simulator's truth while the demo runs, as
 ``meshwatch evaluate`` does (its incident episodes, and its communication-fault log, from
-which :func:`models.evaluate.comm_episodes` builds ``clock_skew`` and ``silent`` episodes).
+which :func:`simulators.truth.comm_episodes` builds ``clock_skew`` and ``silent`` episodes).
 :func:`score_detection` hands the dataflow's alerts, as they reached the mesh, to
 :func:`models.evaluate.score_run`: the same matching (kind, place, raised between the
 episode's start and its end plus a grace), the same precision, recall and time to detect
@@ -142,15 +142,9 @@ def score_detection(alerts: Iterable[Any], truth: TruthCollector, simulator: Any
     The run (:class:`models.evaluate.Run`, for :func:`models.evaluate.plot_timeline`) has no
     detection timings: the dataflow's are measured by :mod:`meshwatch.report.timing`.
     """
-    from models.evaluate import (
-        CATEGORY_KINDS,
-        EvalSettings,
-        Run,
-        battery_silence,
-        comm_episodes,
-        score_run,
-    )
+    from models.evaluate import CATEGORY_KINDS, EvalSettings, Run, score_run
     from models.water.pipeline import FleetLayout, WaterPipeline
+    from simulators.truth import battery_silence, comm_episodes
 
     config, fleet = simulator.config, truth.fleet
     layout = FleetLayout.from_simulator(fleet, config.fleet.customer_cadence_s,
