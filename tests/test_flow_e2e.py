@@ -44,6 +44,10 @@ def test_the_flow_stores_every_reading_once_fills_gaps_and_dead_letters_garbage(
             wait_for(lambda: len(dead_letters.reasons()) >= len(load.garbage), 20,
                      "the dead letters", flow)
             wait_for(lambda: len(lake_ids(lake)) >= len(load.readings), 20, "the lake", flow)
+            # the counters are written as they stand every few seconds: `received` is final
+            # before `measured` (readings still waiting for the watermark)
+            wait_for(lambda: counters(victoria_metrics) == want.counts, 20,
+                     f"the flow's counters to reach {want.counts}", flow)
             assert flow.alive(), flow.tail()
         stored = telemetry(victoria_metrics)
         assert dead_letters.reasons() == want.dead_letter_reasons

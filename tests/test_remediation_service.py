@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,10 +154,13 @@ def test_killed_mid_processing_loses_nothing(tmp_path: Path, mosquitto: Mosquitt
         pub = publisher(mosquitto)
         alerts = [alert(f"k-{i}", district=f"dma-{i % 50:02d}", device_id=f"m-{i}",
                         ts=T0 + i) for i in range(n)]
-        publish_all(pub, [(topics.alerts(a.district or "", "leak"), encode(a)) for a in alerts])
+        sender = threading.Thread(target=publish_all, args=(pub, [
+            (topics.alerts(a.district or "", "leak"), encode(a)) for a in alerts]))
+        sender.start()  # killed while alerts still arrive, however fast the service stores
         wait_for(lambda: _stored(engine) >= 300, 30, "some alerts stored")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+        sender.join(60)
         partial = _stored(engine)
         assert partial < n, "killed too late to test anything"
         publish_all(pub, [(topics.alerts(a.district or "", "leak"), encode(a))
