@@ -25,12 +25,14 @@ wall seconds (event time runs 60 / period times faster than wall time).
    reading 15 event minutes after the burst, which the alert does not name (counted as
    "other alert messages").
 
-A reading is scored only once its district's watermark passes it (see
-:mod:`dataflows.detection`): every ordering shard holding a device of the district must have
-seen a reading ``allowed_lateness_s`` newer. So the latency holds the *watermark wait*:
-``lateness / 60 * period`` wall seconds here (rounds), ``lateness`` seconds on a live fleet.
-``--idle-flush`` sets ``flow.idle_flush_s``, after which a district stops waiting for a shard
-that is behind (see the BENCHMARKS notes on lateness 0).
+An inlet's in-order readings reach the burst detector on the fast path (see
+:mod:`dataflows.detection`): at once, without waiting for the district's watermark, except a
+burst stamped after a 15-minute boundary that the district's watermark has not reached yet
+(its ticks go first): it waits until every ordering shard holding a device of the district
+has seen a reading ``allowed_lateness_s`` newer than the boundary. Before the fast path every
+burst waited so: ``lateness / 60 * period`` wall seconds here (rounds), ``lateness`` seconds
+on a live fleet. ``--idle-flush`` sets ``flow.idle_flush_s``, after which a district stops
+waiting for a shard that is behind (see the BENCHMARKS notes on lateness 0).
 """
 
 from __future__ import annotations

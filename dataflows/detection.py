@@ -26,6 +26,34 @@ gateways delivered theirs. A reading released behind the
 district's watermark (a device's backlog) is fed at once, after ticks that already passed
 it, as evaluate does with a late delivery; it is counted in ``behind``.
 
+**Burst alerts without the wait (fast path).** The burst detector needs only its inlet's own
+readings, in order. So the inlet of a district that has exactly one
+(:attr:`DetectionLayout.fast_devices`) gets its in-order readings sent by its shard at once
+(:mod:`dataflows.ordering`, fast path), and :meth:`DistrictState.take` scores them in the
+burst detector and the alert policy straight away
+(:meth:`~models.water.pipeline.WaterPipeline.inlet_bursts`), one reading per block as
+``meshwatch evaluate`` gets them, waiting neither for the shard's lateness nor for the
+district's watermark (``fast`` counts them). When the watermark feeds the same readings in
+order, they go into the district balance with the calm flag the burst detector gave them
+(:meth:`~models.water.pipeline.WaterPipeline.inlet_balance`) and are not scored again.
+
+The alerts stay the same: the detector sees the same readings in the same order, and what
+the alert policy does with them keeps its place among the ticks and the feedback, which go in
+event time. A fast reading waits in the district (still ahead of the watermark) while it is
+stamped after the next tick not done yet (at a tick, a district leak verdict looks at the
+burst's alert: no network leak during a burst), or at or after the oldest feedback waiting,
+and while inlet readings to be scored in order wait to be fed (those sent as ``Lane.SLOW``,
+or waiting in a snapshot of the previous version). So a burst stamped within about the
+allowed lateness (plus the lag of the district's slowest shard) after a 15-minute boundary
+waits for the district's watermark to reach that boundary; any other burst waits for nothing.
+An inlet reading out of order for its device (``Lane.BEHIND``) is stale for the burst
+detector, which scored a newer one: it is neither scored nor put in the balance, where
+``meshwatch evaluate`` (delivery order) gives the alert policy a score of 0 for it. A
+district with two inlets keeps the ordered path. Feedback on a burst alert that arrives after
+the fast path scored readings stamped after it acts on the burst's alert from its arrival
+(the alert may have been updated or cleared in between): the one case where the fast path
+lets the alerts depend on when something arrives.
+
 A shard sends a district its watermark with its readings for that district, and otherwise
 whenever its watermark crosses a minute (:data:`WATERMARK_STEP_MS`), so a district hears
 from every shard about once per event-time minute, not once per message. When a shard
@@ -93,7 +121,7 @@ from typing import Any
 
 import numpy as np
 
-from dataflows.ordering import Kind, shard_of
+from dataflows.ordering import Kind, Lane, shard_of
 from dataflows.records import BalanceRow, ShardOutput
 from meshwatch.contract.events import Alert, Feedback
 from models.feedback import FeedbackApplier
@@ -138,9 +166,9 @@ MAX_FEEDBACK_AHEAD_MS = 7 * 86_400_000
 
 COUNTERS = ("fed", "behind", "waiting", "ticks", "ticks_skipped", "alerts", "idle_releases",
             "feedback", "feedback_unknown_alerts", "feedback_waiting", "feedback_behind",
-            "feedback_ahead")
+            "feedback_ahead", "fast")
 """A district's cumulative counters (:attr:`DistrictState.counts`; ``waiting`` and
-``feedback_waiting`` are gauges)."""
+``feedback_waiting`` are gauges; ``fast``: inlet readings scored on the fast path)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,6 +188,9 @@ class DetectionLayout:
     """district -> the ordering shards that hold its devices."""
     districts_of_shard: dict[int, tuple[str, ...]]
     """shard -> the districts it holds devices of."""
+    fast_devices: frozenset[str] = frozenset()
+    """The inlets whose readings take the fast path: each district's district meter, when it
+    has exactly one (module doc)."""
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[str, str, str, float]], partitions: int,
@@ -190,9 +221,14 @@ class DetectionLayout:
                 shards_of.setdefault(district, set()).add(shard)
             for shard in shards_of[district]:
                 districts_of_shard.setdefault(shard, []).append(district)
+        inlets: dict[str, list[str]] = {}
+        for device_id, (district, _, kind) in slot_of.items():
+            if kind == DISTRICT_METER:
+                inlets.setdefault(district, []).append(device_id)
         return cls(list(by_district), layouts, slot_of,
                    {d: frozenset(s) for d, s in shards_of.items()},
-                   {s: tuple(d) for s, d in districts_of_shard.items()})
+                   {s: tuple(d) for s, d in districts_of_shard.items()},
+                   frozenset(ids[0] for ids in inlets.values() if len(ids) == 1))
 
     @classmethod
     def from_registry(cls, registry: Iterable[Any], partitions: int,
@@ -219,6 +255,9 @@ class DistrictChunk:
     flow: np.ndarray
     battery: np.ndarray
     pressure: np.ndarray
+    fast: bool = False
+    """Readings of the fast path (:attr:`~dataflows.ordering.Released.fast`), in arrival
+    order; ``kind`` then holds their :class:`~dataflows.ordering.Lane`."""
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -256,7 +295,8 @@ def split_by_district(item: ShardOutput, layout: DetectionLayout,
     Imputed and late points are left out (never scored). Districts without readings in the
     output get an empty chunk when the shard's watermark crossed a minute (see module doc).
     Readings of devices the registry does not know are left out (the TSDB and the lake still
-    have them).
+    have them). The fast path's readings (:attr:`~dataflows.ordering.Released.fast`) come
+    as a ``fast`` chunk, before the district's other chunk.
 
     >>> from dataflows.ordering import Point, Released
     >>> layout = DetectionLayout.from_rows([("m1", "customer_meter", "d1", 900),
@@ -289,13 +329,21 @@ def split_by_district(item: ShardOutput, layout: DetectionLayout,
         for district in layout.districts_of_shard.get(item.shard, ()):
             if district not in groups:
                 out.append((district, _chunk(district, item.shard, watermark, [])))
+    fast: dict[str, list[tuple[int, int, int, Any]]] = {}
+    for lane, point in item.released.fast:  # before the ordered readings: the district
+        where = slot_of.get(point.device_id)  # must know them first
+        if where is not None:
+            district, slot, _ = where
+            fast.setdefault(district, []).append((lane, slot, point.ts_ms, point.metrics))
+    for district, rows in fast.items():
+        out.append((district, _chunk(district, item.shard, watermark, rows, fast=True)))
     for district, rows in groups.items():
         out.append((district, _chunk(district, item.shard, watermark, rows)))
     return out
 
 
 def _chunk(district: str, shard: int, watermark: int | None,
-           rows: list[tuple[int, int, int, Any]]) -> DistrictChunk:
+           rows: list[tuple[int, int, int, Any]], fast: bool = False) -> DistrictChunk:
     nan = float("nan")
     return DistrictChunk(
         district, shard, watermark,
@@ -304,7 +352,7 @@ def _chunk(district: str, shard: int, watermark: int | None,
         np.array([r[2] for r in rows], np.int64),
         np.array([r[3].get("flow_lpm", nan) for r in rows], np.float64),
         np.array([r[3].get("battery_v", nan) for r in rows], np.float64),
-        np.array([r[3].get("pressure_bar", nan) for r in rows], np.float64))
+        np.array([r[3].get("pressure_bar", nan) for r in rows], np.float64), fast)
 
 
 class DistrictState:
@@ -336,6 +384,15 @@ class DistrictState:
         self.pipeline.balance_log = []
         self._pressure: dict[int, tuple[float, int]] = {}
         """Inlet pressure (sum, count) per 15-minute interval index, until its row closes."""
+        self._fast: list[DistrictChunk] = []
+        """Fast-path readings waiting for a tick, feedback or slow readings (module doc)."""
+        self._fast_seen: dict[int, bool | None] = {}
+        """Event time of each fast-path reading not yet fed in order -> calm (whether it goes
+        into the district balance; None: not scored yet)."""
+        self._slow_seen: set[int] = set()
+        """Event times of the fast path's slow readings not yet fed in order."""
+        self._slow = 0
+        """Inlet readings to be scored in order, not fed yet: the fast path waits for them."""
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a snapshot, also one taken before feedback waited for its event time."""
@@ -343,6 +400,11 @@ class DistrictState:
         state.setdefault("_work_orders", set())
         state.setdefault("_pressure", {})
         state.setdefault("_unheard", {})
+        state.setdefault("_fast", [])
+        state.setdefault("_fast_seen", {})
+        state.setdefault("_slow_seen", set())
+        if "_slow" not in state:  # every inlet reading waiting came before the fast path
+            state["_slow"] = sum(int((c.kind == DISTRICT_METER).sum()) for c in state["_waiting"])
         if state["pipeline"].balance_log is None:
             state["pipeline"].balance_log = []
         state["counts"] = dict.fromkeys(COUNTERS, 0) | state["counts"]
@@ -413,16 +475,77 @@ class DistrictState:
             self._unheard[chunk.shard] = 0
             if chunk.watermark is not None and chunk.watermark > marks.get(chunk.shard, -1):
                 marks[chunk.shard] = chunk.watermark
-            if len(chunk):
+            if chunk.fast:
+                self._take_fast(chunk)
+            elif len(chunk):
                 self._waiting.append(chunk)
                 self.counts["waiting"] += len(chunk)
                 behind = behind or (fed_to is not None and int(chunk.ts.min()) <= fed_to)
+                inlets = chunk.ts[chunk.kind == DISTRICT_METER].tolist()
+                if inlets:
+                    self._slow += sum(ts not in self._fast_seen and ts not in self._slow_seen
+                                      for ts in inlets)
+        alerts = self._score_fast()
+        self.counts["alerts"] += len(alerts)
         target = fed_to
         if self.shards.issubset(marks):
             target = min(marks[s] for s in self.shards)
         if target is None or (fed_to is not None and target <= fed_to and not behind):
-            return []  # nothing to feed: do not touch what waits
-        return self._feed(target)
+            return alerts  # nothing to feed: do not touch what waits
+        return alerts + self._feed(target)
+
+    def _take_fast(self, chunk: DistrictChunk) -> None:
+        """Queue the fast path's inlet readings; note the slow ones and those behind."""
+        seen = self._fast_seen
+        for lane, ts in zip(chunk.kind.tolist(), chunk.ts.tolist(), strict=True):
+            if lane == Lane.SLOW:
+                self._slow_seen.add(ts)
+                self._slow += 1
+            elif lane == Lane.BEHIND:
+                if ts not in self._slow_seen:  # (a slow reading stamped the same: scored)
+                    seen.setdefault(ts, False)  # stale for the burst detector: never scored
+            else:
+                seen[ts] = None
+        fast = chunk.kind == Lane.FAST
+        if fast.any():
+            self._fast.append(chunk.take(fast))
+
+    def _score_fast(self, through: int | None = None) -> list[Alert]:
+        """Score the fast path's waiting readings in the burst detector, in arrival order.
+
+        Up to the first that must wait (module doc): for a tick not done yet (stamped after
+        :attr:`next_tick`), for feedback waiting (stamped at or after it), or for slow
+        readings. ``through``: score every reading stamped up to it, whatever waits (a
+        safety net, never needed: a reading fed in order is never still queued).
+        """
+        if not self._fast:
+            return []
+        queue = DistrictChunk.concat(self._fast)
+        if through is not None:
+            end = int(np.searchsorted(queue.ts, through, side="right"))
+        elif self.next_tick is None or self._slow > 0:
+            end = 0
+        else:
+            end = int(np.searchsorted(queue.ts, self.next_tick, side="right"))
+            if self._feedback_waiting:
+                end = min(end, int(np.searchsorted(queue.ts, self._feedback_waiting[0].ts_ms,
+                                                   side="left")))
+        if not end:
+            self._fast = [queue]
+            return []
+        now = queue.take(np.arange(end))
+        rest = queue.take(np.arange(end, len(queue)))
+        self._fast = [rest] if len(rest) else []
+        alerts: list[Alert] = []
+        for k in range(end):  # one by one, as they arrived: the alert policy takes each
+            one = slice(k, k + 1)  # block at once (a new track is active from the next one)
+            raised, calm = self.pipeline.inlet_bursts(
+                now.slot[one], now.ts[one], {"flow_lpm": now.flow[one],
+                                             "pressure_bar": now.pressure[one]})
+            alerts += raised
+            self._fast_seen[int(now.ts[k])] = bool(calm[0])
+        self.counts["fast"] += end
+        return alerts
 
     def feedback(self, feedback: Feedback) -> list[Alert]:
         """Take a crew's feedback; it acts at its event time (see the module doc).
@@ -508,15 +631,16 @@ class DistrictState:
         if not self._waiting and not self._feedback_waiting:
             return self._ticks(to_ms)
         now = self._ready(to_ms)
+        alerts: list[Alert] = []
         if self.next_tick is None and len(now):
             self.next_tick = -(-int(now.ts[0]) // TICK_MS) * TICK_MS  # the boundary >= it
+            alerts += self._score_fast()
         if self.next_tick is not None:
             self.counts["behind"] += int(np.searchsorted(now.ts, self.next_tick - TICK_MS,
                                                          side="right"))
         feedback = self._feedback_waiting
         while feedback and feedback[-1].ts_ms > to_ms + MAX_FEEDBACK_AHEAD_MS:  # came first
             self._wait(self._restamped(feedback.pop(), to_ms))
-        alerts: list[Alert] = []
         start = 0
         while True:  # ticks and feedback up to to_ms, in event time, readings in between
             tick = self.next_tick
@@ -527,17 +651,21 @@ class DistrictState:
                 # after the readings stamped before it, before those at or after it
                 end = int(np.searchsorted(now.ts, due.ts_ms, side="left"))
                 alerts += self._readings(now.take(np.arange(start, end)))
+                alerts += self._score_fast()  # what waited for slow readings among those
                 start = end
                 alerts += self._apply(feedback.pop(0))
             elif tick is not None:
                 end = int(np.searchsorted(now.ts, tick, side="right"))
                 alerts += self._readings(now.take(np.arange(start, end)))
+                alerts += self._score_fast()
                 start = end
                 alerts += self._tick()
             else:
                 break
+            alerts += self._score_fast()  # what waited for that tick or feedback
         self.counts["feedback_waiting"] = len(feedback)
         alerts += self._readings(now.take(np.arange(start, len(now))))
+        alerts += self._score_fast()  # what waited for slow readings
         self.counts["alerts"] += len(alerts)
         return alerts
 
@@ -557,6 +685,7 @@ class DistrictState:
         alerts: list[Alert] = []
         while self.next_tick is not None and self.next_tick <= to_ms:
             alerts += self._tick()
+            alerts += self._score_fast()
         self.counts["alerts"] += len(alerts)
         return alerts
 
@@ -580,13 +709,42 @@ class DistrictState:
                 {"flow_lpm": chunk.flow[customers], "battery_v": chunk.battery[customers]})
         inlets = chunk.kind == DISTRICT_METER
         if inlets.any():
-            self._add_pressure(chunk.ts[inlets], chunk.pressure[inlets])
-            alerts += pipeline.inlet_readings(
-                chunk.slot[inlets], chunk.ts[inlets],
-                {"flow_lpm": chunk.flow[inlets], "pressure_bar": chunk.pressure[inlets]})
+            alerts += self._inlets(chunk.take(inlets))
         others = ~(customers | inlets)
         if others.any():
             pipeline.other_readings(chunk.slot[others], chunk.ts[others])
+        return alerts
+
+    def _inlets(self, chunk: DistrictChunk) -> list[Alert]:
+        """Inlet readings fed in order: the burst detector scores those not scored before.
+
+        The fast path scored its own already (their calm flag waits in ``_fast_seen``); the
+        calm ones go into the district balance.
+        """
+        ts = chunk.ts
+        self._add_pressure(ts, chunk.pressure)
+        alerts: list[Alert] = []
+        if self._fast and int(self._fast[0].ts[0]) <= int(ts.max()):
+            alerts += self._score_fast(through=int(ts.max()))
+        calm = np.zeros(len(ts), bool)
+        slow = np.ones(len(ts), bool)
+        seen, slow_seen = self._fast_seen, self._slow_seen
+        if seen or slow_seen:
+            for i, stamp in enumerate(ts.tolist()):
+                if stamp in slow_seen:
+                    slow_seen.discard(stamp)
+                    continue
+                flag = seen.pop(stamp, None)
+                if flag is not None:
+                    slow[i] = False
+                    calm[i] = flag
+        if slow.any():
+            self._slow = max(0, self._slow - int(slow.sum()))
+            scored, calm[slow] = self.pipeline.inlet_bursts(
+                chunk.slot[slow], ts[slow],
+                {"flow_lpm": chunk.flow[slow], "pressure_bar": chunk.pressure[slow]})
+            alerts += scored
+        self.pipeline.inlet_balance(chunk.slot, ts, chunk.flow, calm)
         return alerts
 
     def _add_pressure(self, ts: np.ndarray, pressure: np.ndarray) -> None:

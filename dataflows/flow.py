@@ -11,7 +11,8 @@ Steps (bytewax ``step_id`` in brackets)::
       +──> [by_district] in-order measured readings as columns per district, with the shard's
       |      |           watermark (dataflows.detection; only with FlowSettings.detection)
       |    [detect] per district: one WaterPipeline, fed in event time behind the district's
-      |      |      watermark, ticked every 15 minutes
+      |      |      watermark, ticked every 15 minutes; the inlet's in-order readings also
+      |      |      come at once (fast path) for the burst detector
       |      +──> [alerts] AlertSink (QoS1 to mw/v1/alerts/{district}/{kind}, PUBACK waited)
       |      +──> [influx] (mw_alert, mw_score, mw_detect)
       +──> [influx] InfluxSink (mw_telemetry, mw_silence, mw_flow)
@@ -144,6 +145,8 @@ class _ShardLogic(StatefulBatchLogic[tuple[int, list[Any]], ShardOutput, bytes])
     def __init__(self, settings: FlowSettings, resume: bytes | None) -> None:
         self.settings = settings
         self.cadences = settings.cadences
+        detection = settings.detection
+        self.fast = detection.layout.fast_devices if detection is not None else frozenset()
         if resume is None:
             self.shard = -1
             self.state = ShardState(settings.order)
@@ -168,9 +171,10 @@ class _ShardLogic(StatefulBatchLogic[tuple[int, list[Any]], ShardOutput, bytes])
         before = self.state.watermark
         released = Released()
         for _, readings in values:  # message by message: the result does not depend on batching
-            out = self.state.process(readings, self.cadences)
+            out = self.state.process(readings, self.cadences, self.fast)
             released.points += out.points
             released.silences += out.silences
+            released.fast += out.fast
         self._flush_at = self._idle_deadline()
         return [self._output(released, before)], StatefulBatchLogic.RETAIN
 

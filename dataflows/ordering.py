@@ -25,6 +25,19 @@ same or a later event time cannot be put in order any more: it is emitted at onc
 :attr:`Kind.LATE` point, stored like any other (TSDB and lake), counted in ``late``, and not
 given to the detectors nor to gap filling. No alert is re-evaluated for late readings.
 
+**Fast path.** :meth:`ShardState.process` takes the ids of *fast* devices (the flow passes
+each district's only district meter: :attr:`dataflows.detection.DetectionLayout.fast_devices`).
+A fast device's reading that arrives in order for its device (stamped after every reading of
+it taken so far, not a duplicate) goes out at once in :attr:`Released.fast` as
+:attr:`Lane.FAST`, and waits for the watermark like any other reading too. One that arrives
+out of order (stamped before a reading taken already, but not late) goes out as
+:attr:`Lane.BEHIND`: the detector that scores the fast path has seen a newer reading, so it
+is stale there, as it is in ``meshwatch evaluate``'s delivery order. Late readings take the
+late path only. While a device has in-order readings waiting that were not sent on the fast
+path (a snapshot of the previous version restored, or the device just made fast), its new
+in-order readings go out as :attr:`Lane.SLOW` instead, until those are released: the district
+then scores them in order (:mod:`dataflows.detection`).
+
 **Gaps.** Each device's cadence comes from the registry (``cadence_s``) or, for devices not
 in it, is learned as the smallest of the last 8 positive intervals between its readings.
 Between two consecutive released readings ``intervals = round(delta / cadence)``:
@@ -58,13 +71,16 @@ MEASURED 4 5.0
 >>> out = state.process([r(3, 3, 9.0)], cadences={"m1": 60})  # before minute 4: late
 >>> [(p.kind.name, p.seq) for p in out.points]
 [('LATE', 3)]
+>>> out = state.process([r(5, 5, 1.0)], cadences={"m1": 60}, fast={"m1"})  # sent at once too
+>>> [(lane.name, p.seq) for lane, p in out.fast], [p.seq for p in out.points]
+([('FAST', 5)], [5])
 """
 
 from __future__ import annotations
 
 import heapq
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -75,6 +91,7 @@ __all__ = [
     "COUNTERS",
     "DeviceSilent",
     "Kind",
+    "Lane",
     "OrderSettings",
     "Point",
     "Released",
@@ -109,6 +126,19 @@ class Kind(IntEnum):
     MEASURED = 0
     IMPUTED = 1
     LATE = 2
+
+
+class Lane(IntEnum):
+    """What a fast device's reading is on the fast path (see the module doc)."""
+
+    FAST = 0
+    """In order: score it now."""
+    SLOW = 1
+    """In order, but the device has readings waiting that were not sent on the fast path: the
+    district scores it in order (and waits for it before scoring newer fast readings)."""
+    BEHIND = 2
+    """Out of order (stamped before a reading already sent): it is stale for the fast path's
+    detector, never scored there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +191,16 @@ class DeviceSilent:
 
 @dataclass(slots=True)
 class Released:
-    """What one call released: points (in order per device) and silence records."""
+    """What one call released: points (in order per device) and silence records.
+
+    ``fast`` holds the fast devices' readings that arrived, at once, each with its
+    :class:`Lane` (see the module doc); those not late are in ``points`` too once the
+    watermark passes them.
+    """
 
     points: list[Point] = field(default_factory=list)
     silences: list[DeviceSilent] = field(default_factory=list)
+    fast: list[tuple[Lane, Point]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -177,6 +213,8 @@ class _Device:
     learned_ms: float | None = None  # min(deltas)
     silent_since: int | None = None  # last_ts when a silence onset was reported
     watched: bool = False  # has an entry in the silence heap
+    newest: int | None = None  # newest event time taken (waiting or released)
+    slow_until: int | None = None  # newest in-order reading not sent on the fast path
 
 
 class ShardState:
@@ -197,14 +235,27 @@ class ShardState:
         self._silence: list[tuple[int, str]] = []
         self._tick = 0
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a snapshot, also one taken before the fast path (its readings: slow)."""
+        self.__dict__.update(state)
+        newest: dict[str, int] = {}
+        for ts, _, device_id, *_ in self._pending:
+            newest[device_id] = max(ts, newest.get(device_id, ts))
+        for device_id, device in self.devices.items():
+            if not hasattr(device, "newest"):
+                stamps = [t for t in (device.last_ts, newest.get(device_id)) if t is not None]
+                device.newest = device.slow_until = max(stamps) if stamps else None
+
     def __len__(self) -> int:
         """Readings waiting for the watermark."""
         return len(self._pending)
 
-    def process(self, readings: Iterable[Any], cadences: Mapping[str, float]) -> Released:
+    def process(self, readings: Iterable[Any], cadences: Mapping[str, float],
+                fast: Container[str] = ()) -> Released:
         """Take readings (anything with the :class:`~meshwatch.contract.Reading` attributes).
 
         ``cadences`` maps device ids to registered cadences in seconds; others are learned.
+        The in-order readings of the ``fast`` devices also go out at once (module doc).
         """
         out = Released()
         window = self.settings.dedup_window
@@ -241,6 +292,19 @@ class ShardState:
                 continue
             if max_ts is None or ts > max_ts:
                 max_ts = ts
+            if device.newest is None or ts > device.newest:  # in order for its device
+                device.newest = ts
+                if device_id in fast:
+                    slow = device.slow_until
+                    lane = Lane.FAST if slow is None or (
+                        device.last_ts is not None and slow <= device.last_ts) else Lane.SLOW
+                    out.fast.append((lane, Point(device_id, ts, seq, reading.metrics,
+                                                 Kind.MEASURED, quality)))
+                else:
+                    device.slow_until = ts
+            elif device_id in fast and ts < device.newest:
+                out.fast.append((Lane.BEHIND, Point(device_id, ts, seq, reading.metrics,
+                                                    Kind.MEASURED, quality)))
             self._tick += 1
             heapq.heappush(self._pending,
                            (ts, self._tick, device_id, seq, reading.metrics, quality))

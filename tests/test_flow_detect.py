@@ -32,7 +32,16 @@ from dataflows.detection import (
 )
 from dataflows.ordering import OrderSettings, ShardState, shard_of
 from dataflows.records import ShardOutput
-from meshwatch.contract import Alert, AlertStatus, Feedback, Outcome, TelemetryBatch, decode
+from meshwatch.contract import (
+    Alert,
+    AlertStatus,
+    Feedback,
+    Outcome,
+    Reading,
+    TelemetryBatch,
+    decode,
+)
+from models.water.pipeline import WaterPipeline
 from simulators import CommFaultLog, CommRates, FleetSimulator
 from simulators.comms import CommFault
 
@@ -65,6 +74,7 @@ class Flow:
         self.districts: dict[str, DistrictState] = {}
         self.inbox: dict[str, list[DistrictChunk]] = defaultdict(list)
         self.alerts: list[Alert] = []
+        self.fast = layout.fast_devices
 
     def message(self, payload: bytes) -> None:
         groups: dict[int, list] = defaultdict(list)
@@ -73,7 +83,7 @@ class Flow:
         for shard, readings in groups.items():
             state = self.shards.setdefault(shard, ShardState(self.order))
             before = state.watermark
-            released = state.process(readings, {})
+            released = state.process(readings, {}, self.fast)
             self._split(ShardOutput(shard, released, {}, 0, state.watermark, before))
 
     def _split(self, output: ShardOutput) -> None:
@@ -102,9 +112,13 @@ class Flow:
 
 
 def run(layout: DetectionLayout, load: dict[int, list[bytes]], seed: int,
-        restore_at: int | None = None) -> Flow:
+        restore_at: int | None = None, legacy: bool = False) -> Flow:
+    """The flow over ``load``; ``legacy``: without the fast path until ``restore_at``, where
+    the states are pickled as the previous version did."""
     rng = random.Random(seed)
     flow = Flow(layout)
+    if legacy:
+        flow.fast = frozenset()
     queues = {p: list(messages) for p, messages in load.items()}
     taken = 0
     while any(queues.values()):
@@ -117,6 +131,8 @@ def run(layout: DetectionLayout, load: dict[int, list[bytes]], seed: int,
             flow.detect(rng)
         if restore_at is not None and taken >= restore_at:
             flow.detect(rng)
+            if legacy:
+                strip_fast_path(flow)
             flow.districts = pickle.loads(pickle.dumps(flow.districts))  # a snapshot
             flow.shards = pickle.loads(pickle.dumps(flow.shards))
             restore_at = None
@@ -140,13 +156,83 @@ def test_district_pipelines_raise_evaluates_alerts_whatever_the_interleaving(fle
     assert counts["waiting"] == 0
     assert counts["behind"] == 0  # in-order delivery: nothing comes behind the ticks
     assert counts["fed"] == sum(s.pipeline.readings for s in flow.districts.values())
+    assert counts["fast"] > 0  # the inlets' bursts went the fast path
 
 
-def test_a_restored_snapshot_continues_identically(fleet) -> None:
+def strip_fast_path(flow: Flow) -> None:
+    """The states as the version before the fast path pickled them; the fast path from now."""
+    for shard in flow.shards.values():
+        for device in shard.devices.values():
+            object.__delattr__(device, "newest")
+            object.__delattr__(device, "slow_until")
+    for state in flow.districts.values():
+        for name in ("_fast", "_fast_seen", "_slow_seen", "_slow"):
+            delattr(state, name)
+        del state.counts["fast"]
+    flow.fast = flow.layout.fast_devices
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_restored_snapshot_continues_identically(fleet, legacy) -> None:
+    """Also one of the version before the fast path: the flow can be upgraded in place."""
     _, want, load, layout = fleet
     half = sum(len(m) for m in load.values()) // 2
-    flow = run(layout, load, seed=3, restore_at=half)
+    flow = run(layout, load, seed=3, restore_at=half, legacy=legacy)
     assert alert_keys(flow.alerts) == alert_keys(want)
+    assert sum(state.counts["fast"] for state in flow.districts.values()) > 0
+
+
+@pytest.mark.parametrize(("burst_at", "raised_at"), [(44, 44), (31, 36)])
+def test_an_in_order_inlet_burst_is_alerted_before_the_district_watermark_passes_it(
+        burst_at: int, raised_at: int) -> None:
+    """The fast path: the inlet's shard sends its in-order readings at once, and the district
+    scores them in the burst detector without waiting for its watermark, which a customer
+    meter on a gateway 5 minutes behind holds back (with the shards' lateness, it reaches
+    minute ``i`` at step ``i + 6``). Only a reading after a tick not done yet waits for the
+    tick: minute 31 for the tick at minute 30 (step 36), still before its own (step 37)."""
+    layout = DetectionLayout.from_rows([("mtr-4", "customer_meter", "dma-01", 60),
+                                        ("dma-01-inlet", "district_meter", "dma-01", 60)], 1, 2)
+    assert layout.fast_devices == {"dma-01-inlet"}
+    assert {shard_of(d, 1, 2) for d in ("mtr-4", "dma-01-inlet")} == {0, 1}
+    shards = {s: ShardState(OrderSettings(allowed_lateness_ms=60_000)) for s in (0, 1)}
+    state = DistrictState.of(layout, "dma-01")
+    reference = WaterPipeline(state.pipeline.layout)  # fed in event-time order, evaluate's way
+    minute = 60_000
+    start = T0 + 60 * minute
+
+    def send(device: str, i: int, flow: float, pressure: float = float("nan")) -> list[Alert]:
+        shard = shard_of(device, 1, 2)
+        metrics = {"flow_lpm": flow} if device == "mtr-4" else {
+            "flow_lpm": flow, "pressure_bar": pressure}
+        before = shards[shard].watermark
+        released = shards[shard].process([Reading(device_id=device, ts_ms=start + i * minute,
+                                                  seq=i, metrics=metrics)], {},
+                                         layout.fast_devices)
+        out = ShardOutput(shard, released, {}, 0, shards[shard].watermark, before)
+        return state.take([chunk for _, chunk in split_by_district(out, layout)])
+
+    alerts: list[Alert] = []
+    want: list[Alert] = []
+    raised = watermark = None
+    for i in range(1, 60):
+        flow, pressure = (950.0, 3.2) if i == burst_at else (700.0 + 10 * (i % 3), 3.9)
+        new = send("dma-01-inlet", i, flow, pressure)
+        if i > 5:
+            new += send("mtr-4", i - 5, 0.5)
+        if raised is None and any(a.kind.value == "burst" for a in new):
+            raised, watermark = i, state.watermark
+        alerts += new
+        if i % 15 == 0:
+            want += reference.tick(start + i * minute)
+        want += reference.inlet_readings(np.array([1]), np.array([start + i * minute]), {
+            "flow_lpm": np.array([flow]), "pressure_bar": np.array([pressure])})
+    assert raised == raised_at
+    assert watermark is not None
+    assert watermark < start + burst_at * minute  # the district's watermark: behind it
+    bursts = [a for a in alerts if a.kind.value == "burst"]
+    assert alert_keys(bursts) == alert_keys(a for a in want if a.kind.value == "burst")
+    assert [a.status for a in bursts].count(AlertStatus.OPEN) == 1  # not again when fed
+    assert state.counts["fast"] == 59
 
 
 def test_a_slow_shard_is_not_jumped_over_until_it_is_quiet() -> None:
@@ -384,9 +470,11 @@ def test_a_snapshot_from_before_event_time_feedback_restores() -> None:
     state = DistrictState.of(layout, town.district)
     for chunk in chunks[:-2]:
         state.take([chunk])
-    for name in ("_feedback_waiting", "_work_orders"):  # as the previous version pickled it
+    for name in ("_feedback_waiting", "_work_orders", "_fast", "_fast_seen", "_slow_seen",
+                 "_slow"):  # as the previous version pickled it
         delattr(state, name)
-    state.counts = {k: v for k, v in state.counts.items() if not k.startswith("feedback_")}
+    state.counts = {k: v for k, v in state.counts.items()
+                    if not k.startswith("feedback_") and k != "fast"}
     restored = pickle.loads(pickle.dumps(state))
     feedback = town_feedback(town, town.step_at(6 * 24), town.ts_ms(town.step_at(102)))
     assert restored.feedback(feedback[0]) == []  # it waits for its time

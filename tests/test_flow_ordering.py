@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.ordering import DeviceSilent, Kind, OrderSettings, Point, ShardState
+from dataflows.ordering import DeviceSilent, Kind, Lane, OrderSettings, Point, ShardState
 from meshwatch.contract import QualityFlag, Reading
 
 T0 = 1_767_225_600_000
@@ -241,3 +241,33 @@ def test_seqs_older_than_the_dedup_window_are_kept_unverified() -> None:
 def test_settings_are_checked(bad: dict[str, int]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         OrderSettings(**bad)
+
+
+def test_a_fast_devices_in_order_readings_go_out_at_once() -> None:
+    state = new_state()  # 5 minutes of lateness: nothing is released yet
+    out = state.process([reading("in", 3), reading("m", 3), reading("in", 1),
+                         reading("in", 3), reading("in", 4)], {}, fast={"in"})
+    assert out.points == []
+    # in order: at once; behind a reading sent before: BEHIND (stale); duplicate: dropped
+    assert [(lane, p.seq) for lane, p in out.fast] == [(Lane.FAST, 3), (Lane.BEHIND, 1),
+                                                       (Lane.FAST, 4)]
+    out = state.process([reading("in", 20)], {}, fast={"in"})
+    assert [p.seq for p in out.points if p.device_id == "in"] == [1, 3, 4]  # in order, once
+    assert [(lane, p.seq) for lane, p in out.fast] == [(Lane.FAST, 20)]
+
+
+def test_a_snapshot_from_before_the_fast_path_keeps_the_readings_it_holds_in_order() -> None:
+    """Readings waiting in an old snapshot were never sent on the fast path: until they are
+    released, the device's new readings go as SLOW (the district scores them in order)."""
+    state = new_state()
+    state.process([reading("in", 0), reading("in", 1)], {})  # minutes 0 and 1 wait
+    for device in state.devices.values():  # as the previous version pickled it
+        object.__delattr__(device, "newest")
+        object.__delattr__(device, "slow_until")
+    restored = pickle.loads(pickle.dumps(state))
+    out = restored.process([reading("in", 2)], {}, fast={"in"})
+    assert [(lane, p.seq) for lane, p in out.fast] == [(Lane.SLOW, 2)]
+    out = restored.process([reading("in", 6)], {}, fast={"in"})  # releases minutes 0, 1
+    assert [(lane, p.seq) for lane, p in out.fast] == [(Lane.SLOW, 6)]
+    out = restored.process([reading("in", 7)], {}, fast={"in"})
+    assert [(lane, p.seq) for lane, p in out.fast] == [(Lane.FAST, 7)]

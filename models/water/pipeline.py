@@ -379,14 +379,27 @@ class WaterPipeline:
 
     def inlet_readings(self, device: np.ndarray, ts: np.ndarray,
                        metrics: Mapping[str, np.ndarray]) -> list[Alert]:
-        """Score a block of district inlet readings (``flow_lpm``, ``pressure_bar``)."""
+        """Score a block of district inlet readings (``flow_lpm``, ``pressure_bar``).
+
+        The same as :meth:`inlet_bursts` then :meth:`inlet_balance` (the dataflow calls them
+        apart: a burst alert need not wait for the district's other devices).
+        """
+        alerts, calm = self.inlet_bursts(device, ts, metrics)
+        self.inlet_balance(device, ts, metrics["flow_lpm"], calm)
+        return alerts
+
+    def inlet_bursts(self, device: np.ndarray, ts: np.ndarray, metrics: Mapping[str, np.ndarray],
+                     ) -> tuple[list[Alert], np.ndarray]:
+        """The burst detector and its alerts on inlet readings; also which readings are calm.
+
+        Calm readings (fresh, scoring below the burst detector's ``learn_below``) are the
+        ones :meth:`inlet_balance` adds to the district balance.
+        """
         device = np.asarray(device, np.int64)
         ts = np.asarray(ts, np.int64)
-        self._seen(device, ts)
         district = self.layout.district_of[device].astype(np.int64)
-        flow = np.asarray(metrics["flow_lpm"], np.float64)
         scored = self.burst.process(district, {
-            "ts_ms": ts, "flow_lpm": flow,
+            "ts_ms": ts, "flow_lpm": np.asarray(metrics["flow_lpm"], np.float64),
             "pressure_bar": np.asarray(metrics["pressure_bar"], np.float64)})
         if self.score_log is not None:
             self.score_log.append((device, ts, scored.score))
@@ -394,8 +407,16 @@ class WaterPipeline:
         calm = scored.score < self.burst.settings.learn_below
         if scored.fresh is not None:
             calm &= scored.fresh
-        self.aggregator.add_inlet(district[calm], ts[calm], flow[calm])
-        return self._policy("burst", district, ts, scored, districts=True)
+        return self._policy("burst", district, ts, scored, districts=True), calm
+
+    def inlet_balance(self, device: np.ndarray, ts: np.ndarray, flow: np.ndarray,
+                      calm: np.ndarray) -> None:
+        """Inlet readings seen, the ``calm`` ones (:meth:`inlet_bursts`) in the district balance."""
+        device = np.asarray(device, np.int64)
+        ts = np.asarray(ts, np.int64)
+        self._seen(device, ts)
+        district = self.layout.district_of[device].astype(np.int64)
+        self.aggregator.add_inlet(district[calm], ts[calm], np.asarray(flow, np.float64)[calm])
 
     def other_readings(self, device: np.ndarray, ts: np.ndarray) -> None:
         """Readings of devices no detector scores (pump stations): they count as seen."""
