@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,22 +46,30 @@ def test_an_ended_episode_replaces_its_ongoing_record() -> None:
     assert book.episodes() == [TruthEpisode(None, "dma-01", "network_leak", 0, 2 * DAY)]
 
 
-def test_clock_skews_from_the_comm_fault_log_match_what_evaluate_scores() -> None:
-    comms = dataclasses.replace(CommRates.none(), clock_skew_per_device_day=0.2)
+def _simulate_comm_faults(**rates: float) -> tuple[SimConfig, Any, list[object], TruthBook]:
+    """Two days of 80 meters with these communication-fault rates: the config, the fleet,
+    the simulator's comm-fault logs and a TruthBook that recorded them as they came."""
+    comms = dataclasses.replace(CommRates.none(), **rates)
     config = SimConfig(fleet=FleetConfig(meters=80, districts=1), incidents=IncidentRates.none(),
                        comms=comms, days=2.0, seed=5)
     logs: list[object] = []
     book = TruthBook()
     simulator = FleetSimulator(config)
     fleet = simulator.fleet
+    cadence = fleet.cadence_s(config.fleet)
 
     def on_comm_faults(log: object) -> None:
         logs.append(log)
-        book.record_comm_faults(log, fleet, fleet.cadence_s(config.fleet))
+        book.record_comm_faults(log, fleet, cadence)
 
     simulator.on_comm_faults = on_comm_faults
     for _ in simulator:
         pass
+    return config, fleet, logs, book
+
+
+def test_clock_skews_from_the_comm_fault_log_match_what_evaluate_scores() -> None:
+    config, fleet, logs, book = _simulate_comm_faults(clock_skew_per_device_day=0.2)
     cadence = np.where(np.arange(fleet.device_count) < fleet.customer_count, 900, 60)
     scored = [e for e in comm_episodes(logs, fleet.customer_count, fleet.district_of, cadence)
               if e.kind == "clock_skew"]
@@ -85,23 +94,9 @@ def test_clock_skews_from_the_comm_fault_log_match_what_evaluate_scores() -> Non
 
 
 def test_silences_from_the_comm_fault_log_match_what_evaluate_scores() -> None:
-    comms = dataclasses.replace(CommRates.none(), meter_gap_per_device_day=0.3,
-                                gateway_outage_per_gateway_day=1.0)
-    config = SimConfig(fleet=FleetConfig(meters=80, districts=1), incidents=IncidentRates.none(),
-                       comms=comms, days=2.0, seed=5)
-    logs: list[object] = []
-    book = TruthBook()
-    simulator = FleetSimulator(config)
-    fleet = simulator.fleet
+    config, fleet, logs, book = _simulate_comm_faults(meter_gap_per_device_day=0.3,
+                                                      gateway_outage_per_gateway_day=1.0)
     cadence = fleet.cadence_s(config.fleet)
-
-    def on_comm_faults(log: object) -> None:
-        logs.append(log)
-        book.record_comm_faults(log, fleet, cadence)
-
-    simulator.on_comm_faults = on_comm_faults
-    for _ in simulator:
-        pass
     scored = sorted((str(fleet.device_ids[e.device]), e.start_ms, e.end_ms)
                     for e in comm_episodes(logs, fleet.customer_count, fleet.district_of,
                                            cadence) if e.kind == "silent")
