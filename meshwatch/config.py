@@ -416,6 +416,39 @@ class Config(BaseSettings):
         """Environment first, then the keyword arguments, which carry the TOML file."""
         return (env_settings, init_settings)
 
+    @classmethod
+    def from_values(cls, **values: Any) -> Config:
+        """A config from ``values`` alone, whatever ``MESHWATCH_*`` says.
+
+        For services a command runs in-process with settings of its own (``meshwatch demo``):
+        an operator's environment must not point a demo at a production database.
+
+        >>> import os
+        >>> os.environ["MESHWATCH_DATABASE__URL"] = "postgresql://db.prod/meshwatch"
+        >>> Config(database={"url": "sqlite:///demo.db"}).database.url  # the environment wins
+        'postgresql://db.prod/meshwatch'
+        >>> Config.from_values(database={"url": "sqlite:///demo.db"}).database.url
+        'sqlite:///demo.db'
+        >>> del os.environ["MESHWATCH_DATABASE__URL"]
+        """
+        return _ValuesOnly(**values)
+
+
+class _ValuesOnly(Config):
+    """A :class:`Config` that reads no environment (:meth:`Config.from_values`)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The keyword arguments only."""
+        return (init_settings,)
+
 
 def _topic_level(value: str) -> str:
     """``value`` if it is a valid id (ids are MQTT topic levels), else a clear ``ValueError``."""

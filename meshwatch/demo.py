@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         flow = _Flow(args.out, mesh_url, protocol, influx_url)
         stack.callback(flow.stop)
         remediation = _Remediation(args.out, mesh_url, protocol, fleet.district_ids,
-                                   free_port("127.0.0.1"))
+                                   free_port("127.0.0.1"), influx_url)
         stack.callback(remediation.stop)
         flow.start(mesh_broker)
         remediation.start(mesh_broker)
@@ -399,21 +399,31 @@ def _bridge(out: Path, simulator: Any, site_url: str, mesh_url: str, protocol: s
     return bridge
 
 
+def _influx(influx_url: str | None) -> dict[str, str]:
+    """The demo's ``[influxdb]`` settings (none without a URL).
+
+    The URL, and token, org and bucket from ``MESHWATCH_INFLUXDB__TOKEN``, ``__ORG``,
+    ``__BUCKET``, as the dataflow reads them.
+    """
+    if influx_url is None:
+        return {}
+    return {"url": influx_url} | {
+        name: os.environ[f"MESHWATCH_INFLUXDB__{name.upper()}"]
+        for name in ("token", "org", "bucket")
+        if os.environ.get(f"MESHWATCH_INFLUXDB__{name.upper()}")}
+
+
 def _bridge_stats(bridge: Any, influx_url: str | None) -> Any:
     """The bridge's statistics writer, started as ``meshwatch bridge`` starts it, or None.
 
-    Only with an InfluxDB URL (token, org and bucket from ``MESHWATCH_INFLUXDB__TOKEN``,
-    ``__ORG``, ``__BUCKET``, as the dataflow reads them), every ``bridge.stats_s`` (default).
+    Only with an InfluxDB URL (:func:`_influx`), every ``bridge.stats_s`` (default).
     """
     if influx_url is None:
         return None
     from mesh_bridge.command import start_stats_writer
     from meshwatch.config import BridgeConfig, InfluxConfig
 
-    given = {name: os.environ[f"MESHWATCH_INFLUXDB__{name.upper()}"]
-             for name in ("token", "org", "bucket")
-             if os.environ.get(f"MESHWATCH_INFLUXDB__{name.upper()}")}
-    return start_stats_writer(InfluxConfig(url=influx_url, **given), BridgeConfig().stats_s,
+    return start_stats_writer(InfluxConfig(**_influx(influx_url)), BridgeConfig().stats_s,
                               bridge)
 
 
@@ -745,18 +755,21 @@ class _Remediation:
     """``meshwatch remediation`` in-process, and the crew simulator working its orders.
 
     SQLite in ``OUT/remediation.db``, the API and pages on a free port, alerts from the mesh
-    broker's alert topic, one crew per district (both skills).
+    broker's alert topic, one crew per district (both skills); InfluxDB writes only with the
+    demo's InfluxDB URL. The demo's settings only: ``MESHWATCH_*`` in the environment (an
+    operator's production database, say) is not read (:meth:`meshwatch.config.Config.from_values`).
     """
 
     def __init__(self, out: Path, mesh_url: str, protocol: str, districts: Sequence[str],
-                 port: int) -> None:
+                 port: int, influx_url: str | None = None) -> None:
         from meshwatch.config import Config
         from remediation.command import Service
 
         self.mesh_url = mesh_url
         self.protocol = protocol
         self.crews = {f"crew-{d}": f"demo-crew-{d}" for d in districts}
-        config = Config(
+        config = Config.from_values(
+            influxdb=_influx(influx_url),
             database={"url": f"sqlite:///{out / 'remediation.db'}"},
             mesh_broker={"url": mesh_url, "protocol": protocol},
             registry={"file": out / "registry.csv"},

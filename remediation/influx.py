@@ -125,9 +125,10 @@ class InfluxWriter:
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop (unsent rows stay in the outbox for the next start)."""
+        """Stop (unsent rows stay in the outbox for the next start); also if never started."""
         self._stop.set()
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:
+            self._thread.join(timeout_s)
         self._writer.close()
 
     def _loop(self) -> None:

@@ -171,3 +171,31 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path, edge_model_dir, victoria_metric
     # snapshot on the way out
     series = victoria_metrics.wait_for_samples('mw_bridge_readings_in{bridge="demo-bridge"}', 1)
     assert max(series[0]["values"]) > 0
+
+
+def test_the_demos_remediation_ignores_the_operators_environment(tmp_path, monkeypatch) -> None:
+    """`make demo` in a shell set up for production writes its work orders to its own SQLite
+    file, not to the production database the environment names; InfluxDB only as told."""
+    from flow_support import write_registry
+
+    from meshwatch.demo import _Remediation
+
+    write_registry(tmp_path / "registry.csv", {"mtr-1": 900})
+    monkeypatch.setenv("MESHWATCH_DATABASE__URL", "postgresql://meshwatch@db.prod.invalid/mw")
+    monkeypatch.setenv("MESHWATCH_REMEDIATION__HTTP_PORT", "1")
+    monkeypatch.setenv("MESHWATCH_INFLUXDB__URL", "http://influx.prod.invalid:8086")
+    monkeypatch.setenv("MESHWATCH_INFLUXDB__ORG", "water-co")
+    quiet = _Remediation(tmp_path, "mqtt://127.0.0.1:1883", "5", ["dma-01"], 18080)
+    told = _Remediation(tmp_path, "mqtt://127.0.0.1:1883", "5", ["dma-01"], 18081,
+                        "http://127.0.0.1:8428")
+    for remediation in (quiet, told):
+        config = remediation.service.config
+        assert config.database.url == f"sqlite:///{tmp_path / 'remediation.db'}"
+        assert config.remediation.http_port in (18080, 18081)
+        remediation.service.engine.dispose()
+    assert quiet.service.influx is None
+    assert told.service.influx is not None
+    told.service.influx.stop()
+    assert quiet.service.config.influxdb.url is None
+    assert (told.service.config.influxdb.url, told.service.config.influxdb.org) == (
+        "http://127.0.0.1:8428", "water-co")
