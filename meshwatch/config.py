@@ -19,7 +19,7 @@ import re
 import tomllib
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -404,6 +404,9 @@ class Config(BaseSettings):
     remediation: RemediationConfig = RemediationConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    reads_environment: ClassVar[bool] = True
+    """False for :meth:`from_values`: the keyword arguments only."""
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -414,7 +417,7 @@ class Config(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Environment first, then the keyword arguments, which carry the TOML file."""
-        return (env_settings, init_settings)
+        return (env_settings, init_settings) if cls.reads_environment else (init_settings,)
 
     @classmethod
     def from_values(cls, **values: Any) -> Config:
@@ -434,20 +437,11 @@ class Config(BaseSettings):
         return _ValuesOnly(**values)
 
 
+
 class _ValuesOnly(Config):
     """A :class:`Config` that reads no environment (:meth:`Config.from_values`)."""
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """The keyword arguments only."""
-        return (init_settings,)
+    reads_environment = False
 
 
 def _topic_level(value: str) -> str:
